@@ -1,0 +1,514 @@
+"""M3EL model: a shared CLIP encoder and the multi-level matching network that scores (mention, entity) pairs."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_m3el import M3ELConfig
+
+CSRA_MAX_TEMPERATURE = 99.0  # CSRA's convention, kept by the authors: this temperature means max pooling
+
+
+@dataclass
+class M3ELFeatures(ModelOutput):
+    """
+    Features of one side (mentions or entities), SPEC section 2. Nothing here depends on the other side.
+
+    Args:
+        text_embeds (`torch.FloatTensor` of shape `(n, P)`):
+            CLIP's projected, L2-normalised text vector `t`.
+        text_tokens (`torch.FloatTensor` of shape `(n, L, Ht)`):
+            CLIP's last text hidden states `T`, padding included.
+        image_embeds (`torch.FloatTensor` of shape `(n, d)`):
+            CLIP's projected, L2-normalised image vector mapped to the matching width, `v`.
+        image_tokens (`torch.FloatTensor` of shape `(n, N, d)`):
+            CLIP's last vision hidden states mapped to the matching width, `V`.
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+    text_tokens: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    image_tokens: torch.FloatTensor | None = None
+
+
+@dataclass
+class M3ELScores(ModelOutput):
+    """
+    Scores of every mention against every entity.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(B, E)`):
+            Final score `S`, the mean of the branch scores in use.
+        text_logits (`torch.FloatTensor` of shape `(B, E)`, *optional*):
+            Textual intra-modal score (`None` when that branch is off).
+        image_logits (`torch.FloatTensor` of shape `(B, E)`, *optional*):
+            Visual intra-modal score (`None` when that branch is off).
+        text_to_image_logits (`torch.FloatTensor` of shape `(B, E)`, *optional*):
+            Textual-to-visual cross-modal score (`None` when the cross-modal branch is off).
+        image_to_text_logits (`torch.FloatTensor` of shape `(B, E)`, *optional*):
+            Visual-to-textual cross-modal score (only in `"bidirectional"` mode).
+    """
+
+    logits: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    text_to_image_logits: torch.FloatTensor | None = None
+    image_to_text_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class M3ELOutput(ModelOutput):
+    """
+    Output of [`M3ELModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            SPEC 4.3 objective on an aligned batch (entity `i` is the gold entity of mention `i`):
+            cross-entropy of the final score, plus that of every branch score, plus the ICL loss.
+        logits (`torch.FloatTensor` of shape `(B, E)`):
+            Final score of every mention against every entity.
+        text_logits, image_logits, text_to_image_logits, image_to_text_logits
+            (`torch.FloatTensor` of shape `(B, E)`, *optional*): branch scores (`None` for branches not in use).
+        icl_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Intra-modal contrastive loss, with `return_loss=True` and `config.use_icl`.
+        mention_features ([`M3ELFeatures`]): features of the mentions.
+        entity_features ([`M3ELFeatures`]): features of the entities.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    text_to_image_logits: torch.FloatTensor | None = None
+    image_to_text_logits: torch.FloatTensor | None = None
+    icl_loss: torch.FloatTensor | None = None
+    mention_features: M3ELFeatures | None = None
+    entity_features: M3ELFeatures | None = None
+
+
+def intra_modal_contrastive_loss(
+    entity_embeds: torch.Tensor, mention_embeds: torch.Tensor, tau: float, inter_weight: float, intra_weight: float
+) -> torch.Tensor:
+    """
+    ICL of one modality (SPEC 3), on an aligned batch: row `i` of both inputs is a gold pair.
+
+    Entity-anchored logits of row `i` are `[w_inter * e_i m^T, w_intra * e_i e^T] / tau`, the self-similarity
+    multiplied by 0 (so it stays in the softmax, as in the authors' code); mention-anchored logits likewise.
+    """
+    entity_embeds = F.normalize(entity_embeds.float(), dim=-1)
+    mention_embeds = F.normalize(mention_embeds.float(), dim=-1)
+    n = entity_embeds.shape[0]
+    labels = torch.arange(n, device=entity_embeds.device)
+    off_diagonal = 1.0 - torch.eye(n, device=entity_embeds.device)
+
+    def anchored(anchor, other):
+        inter = anchor @ other.T / tau  # (n, n)
+        intra = anchor @ anchor.T / tau * off_diagonal  # (n, n), diagonal zeroed, not masked
+        return F.cross_entropy(torch.cat([inter_weight * inter, intra_weight * intra], dim=1), labels)
+
+    return (anchored(entity_embeds, mention_embeds) + anchored(mention_embeds, entity_embeds)) / 2
+
+
+class M3ELIntraModalMatching(nn.Module):
+    """Global-to-global plus global-to-local matching within one modality (SPEC 4.1)."""
+
+    def __init__(self, config: M3ELConfig, global_dim: int, token_dim: int):
+        super().__init__()
+        d = config.matching_dim
+        self.query = nn.Linear(token_dim, d)
+        self.key = nn.Linear(token_dim, d)
+        self.value = nn.Linear(token_dim, d)
+        self.global_proj = nn.Linear(global_dim, d)
+        self.context_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.scale = 1.0 / math.sqrt(d)
+
+    def entity_side(self, embeds: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the score needs from entities; depends on the entity alone, so a KB computes it once."""
+        return {"embeds": embeds, "query": self.query(tokens), "global": self.global_proj(embeds)}
+
+    def mention_side(self, embeds: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embeds": embeds, "key": self.key(tokens), "value": self.value(tokens)}
+
+    def score(self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor]) -> torch.Tensor:
+        global_to_global = mention["embeds"] @ entity["embeds"].T  # (B, E)
+        query, key, value = entity["query"], mention["key"], mention["value"]
+        num_entities, num_entity_tokens, d = query.shape
+        num_mentions, num_mention_tokens, _ = key.shape
+        # Every entity token attends over every mention token; no padding mask (SPEC 4.1).
+        attention = (query.reshape(-1, d) @ key.reshape(-1, d).T) * self.scale  # (E*Lx, B*Lx)
+        attention = attention.view(num_entities, num_entity_tokens, num_mentions, num_mention_tokens).softmax(dim=-1)
+        # mean_i (A U)[i] == (mean_i A) U: average the attention over entity tokens before touching the values.
+        weights = attention.mean(dim=1).transpose(0, 1)  # (B, E, Lx)
+        context = self.context_norm(torch.bmm(weights, value))  # (B, E, d)
+        global_to_local = (context * entity["global"].unsqueeze(0)).sum(dim=-1)  # (B, E)
+        return (global_to_global + global_to_local) / 2
+
+
+class M3ELMatch(nn.Module):
+    """Attention of `p`'s tokens over `q`'s tokens; the same linear map keys `q` and transforms the result."""
+
+    def __init__(self, config: M3ELConfig):
+        super().__init__()
+        self.proj = nn.Linear(config.matching_dim, config.matching_dim)
+
+    def forward(self, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        attention = torch.bmm(p, self.proj(q).transpose(1, 2)).softmax(dim=-1)  # (n, Lp, Lq), no 1/sqrt(d)
+        return F.relu(self.proj(torch.bmm(attention, q)))  # (n, Lp, d)
+
+
+class M3ELMultiHeadPooling(nn.Module):
+    """Mean over heads of CSRA pooling over tokens: `mean_k X + lambda * attention_T(X)` per channel."""
+
+    def __init__(self, config: M3ELConfig):
+        super().__init__()
+        self.temperatures = tuple(config.csra_temperatures)
+        self.lam = config.csra_lambda
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (n, K, d) -> (n, d)
+        base = tokens.mean(dim=1)
+        pooled = 0.0
+        for temperature in self.temperatures:
+            if temperature == CSRA_MAX_TEMPERATURE:
+                attended = tokens.max(dim=1).values
+            else:
+                attended = (tokens * (tokens * temperature).softmax(dim=1)).sum(dim=1)
+            pooled = pooled + base + self.lam * attended
+        return pooled / len(self.temperatures)
+
+
+class M3ELCrossModalMatching(nn.Module):
+    """
+    Cross-modal matching (SPEC 4.2). Each side's vectors depend on that side alone; the scores are dot products.
+
+    `text_to_image` mode: textual-to-visual only, its two attended views fused by a learned gate.
+    `bidirectional` mode: textual-to-visual and visual-to-textual through one shared block, without fusion.
+    """
+
+    def __init__(self, config: M3ELConfig):
+        super().__init__()
+        d = config.matching_dim
+        self.bidirectional = config.cross_modal == "bidirectional"
+        self.text_proj = nn.Linear(config.clip_config.projection_dim, d)
+        self.image_proj = nn.Linear(d, d)
+        self.gate = nn.Linear(d, 1)
+        self.gate_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.match = M3ELMatch(config)
+        self.pooling = M3ELMultiHeadPooling(config)
+        if not self.bidirectional:
+            self.fusion = nn.Linear(d, d)
+
+    def _gated(self, anchor: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.gate_norm(anchor * torch.tanh(self.gate(anchor)) + context)
+
+    def _attend(self, anchor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Anchor vector (n, d) against tokens (n, K, d): both attended views pooled into one context (n, d)."""
+        attended_anchor = self.match(anchor.unsqueeze(1), tokens)  # (n, 1, d)
+        attended_tokens = self.match(tokens, anchor.unsqueeze(1))  # (n, K, d)
+        if self.bidirectional:
+            return self.pooling(torch.cat([attended_anchor, attended_tokens], dim=1))
+        attended_anchor = attended_anchor.squeeze(1)
+        pooled = self.pooling(attended_tokens)
+        gate = torch.sigmoid(self.fusion(pooled) + self.fusion(attended_anchor))
+        return attended_anchor * gate + pooled * (1 - gate)
+
+    def forward(self, features: M3ELFeatures) -> dict[str, torch.Tensor]:
+        """Per-side vectors `text_to_image` (n, d) and, in bidirectional mode, `image_to_text` (n, d)."""
+        text = self.text_proj(features.text_embeds)  # (n, d)
+        image_tokens = self.image_proj(features.image_tokens)  # (n, N, d)
+        vectors = {"text_to_image": self._gated(text, self._attend(text, image_tokens))}
+        if self.bidirectional:
+            image = self.image_proj(features.image_embeds)  # (n, d)
+            text_tokens = self.text_proj(features.text_tokens)  # (n, L, d), needs Ht == P
+            vectors["image_to_text"] = self._gated(image, self._attend(image, text_tokens))
+        return vectors
+
+
+class M3ELPreTrainedModel(PreTrainedModel):
+    config_class = M3ELConfig
+    config: M3ELConfig
+    base_model_prefix = "m3el"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            # PyTorch's default initialisation, which the authors' matching network trained from.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1.0 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        else:
+            super()._init_weights(module)
+
+
+class M3ELModel(M3ELPreTrainedModel):
+    """
+    M3EL: encodes mentions and entities with one shared CLIP (`encode`), scores every mention against every
+    entity from the features of both sides (`score`), and trains on aligned batches (`forward(return_loss=True)`).
+    """
+
+    def __init__(self, config: M3ELConfig):
+        super().__init__(config)
+        clip_config = config.clip_config
+        d = config.matching_dim
+        projection_dim = clip_config.projection_dim
+        text_dim = clip_config.text_config.hidden_size
+        vision_dim = clip_config.vision_config.hidden_size
+
+        self.clip = CLIPModel._from_config(clip_config)
+        # CLIP's contrastive temperature plays no part in M3EL's scores or loss.
+        self.clip.logit_scale.requires_grad_(False)
+        self.image_embeds_proj = nn.Linear(projection_dim, d)  # Wvc: P -> d
+        self.image_tokens_proj = nn.Linear(vision_dim, d)  # Wvt: Hv -> d
+        self.text_embeds_norm = nn.LayerNorm(projection_dim, eps=config.layer_norm_eps)
+        self.text_tokens_norm = nn.LayerNorm(text_dim, eps=config.layer_norm_eps)
+        self.image_embeds_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.image_tokens_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        # Branches that are switched off (ablations) are not built at all.
+        self.text_matching = (
+            M3ELIntraModalMatching(config, projection_dim, text_dim) if config.use_text_matching else None
+        )
+        self.image_matching = M3ELIntraModalMatching(config, d, d) if config.use_image_matching else None
+        self.cross_modal_matching = M3ELCrossModalMatching(config) if config.use_cross_modal_matching else None
+        self.post_init()
+
+    @classmethod
+    def from_clip(cls, pretrained_model_name_or_path, **config_overrides) -> "M3ELModel":
+        """
+        A fresh M3EL whose backbone is a pretrained `CLIPModel` (the published recipe starts from
+        `openai/clip-vit-base-patch32`) and whose matching network is newly initialised.
+        `config_overrides` are [`M3ELConfig`] fields, e.g. `cross_modal="bidirectional"`.
+        """
+        clip = CLIPModel.from_pretrained(pretrained_model_name_or_path, dtype=torch.float32)
+        config = M3ELConfig(clip_config=clip.config.to_dict(), **config_overrides)
+        model = cls(config)
+        model.clip.load_state_dict(clip.state_dict())
+        model.clip.logit_scale.requires_grad_(False)
+        return model
+
+    # ---------------------------------------------------------------------------------------------- features
+
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, side: str):
+        prefix = "" if side == "mention" else "entity_"
+        length = self.config.text_max_length
+        if input_ids is None or pixel_values is None:
+            raise ValueError(f"{side}s need both `{prefix}input_ids` and `{prefix}pixel_values`")
+        if input_ids.dim() != 2 or input_ids.shape[1] != length:
+            raise ValueError(
+                f"`{prefix}input_ids` must have shape (num_{side}s, {length}): texts are padded to exactly "
+                f"config.text_max_length={length} tokens (M3ELProcessor does this); got {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`{prefix}attention_mask` has shape {tuple(attention_mask.shape)}, "
+                f"but `{prefix}input_ids` has {tuple(input_ids.shape)}"
+            )
+        vision = self.config.clip_config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`{prefix}pixel_values` must have shape (num_{side}s, {', '.join(map(str, expected))}); "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"{pixel_values.shape[0]} images for {input_ids.shape[0]} texts in the {side} batch: "
+                "every text needs exactly one image (an all-zero one when it has none)"
+            )
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        side: str = "mention",
+    ) -> M3ELFeatures:
+        """
+        SPEC section 2: one CLIP pass over texts and images of one side (mentions and entities share everything).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(n, L)`): texts padded to `config.text_max_length`.
+            attention_mask (`torch.LongTensor` of shape `(n, L)`, *optional*): CLIP's text attention mask.
+            pixel_values (`torch.FloatTensor` of shape `(n, 3, H, W)`): CLIP-normalised images (zeros: no image).
+            side (`str`): `"mention"` or `"entity"`, only used in error messages.
+        """
+        self._check_inputs(input_ids, attention_mask, pixel_values, side)
+        pixel_values = pixel_values.to(self.clip.visual_projection.weight.dtype)
+        text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        vision = self.clip.get_image_features(pixel_values=pixel_values)
+        text_embeds = F.normalize(text.pooler_output, dim=-1, eps=0.0)  # (n, P)
+        image_embeds = F.normalize(vision.pooler_output, dim=-1, eps=0.0)  # (n, P)
+        return M3ELFeatures(
+            text_embeds=text_embeds,
+            text_tokens=text.last_hidden_state,  # (n, L, Ht)
+            image_embeds=self.image_embeds_proj(image_embeds),  # (n, d)
+            image_tokens=self.image_tokens_proj(vision.last_hidden_state),  # (n, N, d)
+        )
+
+    # ----------------------------------------------------------------------------------------------- scoring
+
+    def _normalized(self, features: M3ELFeatures) -> M3ELFeatures:
+        """The four LayerNorms of SPEC 4, shared by mentions and entities."""
+        return M3ELFeatures(
+            text_embeds=self.text_embeds_norm(features.text_embeds),
+            text_tokens=self.text_tokens_norm(features.text_tokens),
+            image_embeds=self.image_embeds_norm(features.image_embeds),
+            image_tokens=self.image_tokens_norm(features.image_tokens),
+        )
+
+    def prepare_entities(self, features: M3ELFeatures) -> dict[str, dict[str, torch.Tensor]]:
+        """
+        Everything the score needs from entities, all of it depending on the entity alone: a KB computes this once
+        and scores it against any number of mention batches with `score_prepared`.
+        """
+        return self._prepare(features, side="entity")
+
+    def prepare_mentions(self, features: M3ELFeatures) -> dict[str, dict[str, torch.Tensor]]:
+        """Everything the score needs from mentions (see `prepare_entities`)."""
+        return self._prepare(features, side="mention")
+
+    def _prepare(self, features: M3ELFeatures, side: str) -> dict[str, dict[str, torch.Tensor]]:
+        normed = self._normalized(features)
+        prepared = {}
+        for name, block, embeds, tokens in (
+            ("text", self.text_matching, normed.text_embeds, normed.text_tokens),
+            ("image", self.image_matching, normed.image_embeds, normed.image_tokens),
+        ):
+            if block is not None:
+                prepared[name] = (block.entity_side if side == "entity" else block.mention_side)(embeds, tokens)
+        if self.cross_modal_matching is not None:
+            prepared["cross_modal"] = self.cross_modal_matching(normed)
+        return prepared
+
+    def score_prepared(self, mentions: dict, entities: dict) -> M3ELScores:
+        """Scores (B, E) from the outputs of `prepare_mentions` and `prepare_entities`."""
+        branch_logits = {}
+        if self.text_matching is not None:
+            branch_logits["text"] = self.text_matching.score(mentions["text"], entities["text"])
+        if self.image_matching is not None:
+            branch_logits["image"] = self.image_matching.score(mentions["image"], entities["image"])
+        if self.cross_modal_matching is not None:
+            for name, vector in mentions["cross_modal"].items():
+                branch_logits[name] = vector @ entities["cross_modal"][name].T
+        logits = sum(branch_logits.values()) / len(branch_logits)
+        return M3ELScores(
+            logits=logits,
+            text_logits=branch_logits.get("text"),
+            image_logits=branch_logits.get("image"),
+            text_to_image_logits=branch_logits.get("text_to_image"),
+            image_to_text_logits=branch_logits.get("image_to_text"),
+        )
+
+    def score(
+        self, mention_features: M3ELFeatures, entity_features: M3ELFeatures, entity_chunk_size: int | None = None
+    ) -> M3ELScores:
+        """
+        Score every mention against every entity from features made by `encode` (SPEC 4). Entities are scored
+        `entity_chunk_size` at a time when given, which bounds memory for large KBs without changing the result.
+        """
+        _check_features(mention_features, "mention_features")
+        _check_features(entity_features, "entity_features")
+        mentions = self.prepare_mentions(mention_features)
+        num_entities = entity_features.text_embeds.shape[0]
+        chunk = entity_chunk_size or max(num_entities, 1)
+        if chunk <= 0:
+            raise ValueError(f"entity_chunk_size must be positive, got {entity_chunk_size}")
+        pieces = [
+            self.score_prepared(mentions, self.prepare_entities(_slice_features(entity_features, start, start + chunk)))
+            for start in range(0, num_entities, chunk)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        return M3ELScores(**{key: torch.cat([p[key] for p in pieces], dim=1) for key in pieces[0].keys()})
+
+    # ----------------------------------------------------------------------------------------------- forward
+
+    def icl_loss(self, mention_features: M3ELFeatures, entity_features: M3ELFeatures) -> torch.Tensor:
+        """SPEC 3: ICL on the raw text and image vectors (before any LayerNorm), averaged over the two modalities."""
+        args = (self.config.icl_tau, self.config.icl_inter_weight, self.config.icl_intra_weight)
+        text = intra_modal_contrastive_loss(entity_features.text_embeds, mention_features.text_embeds, *args)
+        image = intra_modal_contrastive_loss(entity_features.image_embeds, mention_features.image_embeds, *args)
+        return (text + image) / 2
+
+    def loss(self, scores: M3ELScores, icl_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        SPEC 4.3 on an aligned batch (the gold entity of mention `i` is entity `i`, the others are in-batch
+        negatives): CE of the final score plus CE of every branch score plus ICL, each with weight 1.
+        """
+        labels = torch.arange(scores.logits.shape[0], device=scores.logits.device)
+        loss = sum(F.cross_entropy(logits.float(), labels) for logits in scores.values())
+        return loss + icl_loss if icl_loss is not None else loss
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        entity_input_ids: torch.LongTensor | None = None,
+        entity_attention_mask: torch.LongTensor | None = None,
+        entity_pixel_values: torch.FloatTensor | None = None,
+        return_loss: bool = False,
+        has_image: torch.BoolTensor | None = None,
+        entity_has_image: torch.BoolTensor | None = None,
+    ) -> M3ELOutput:
+        r"""
+        Encode a batch of mentions and a batch of entities and score every mention against every entity.
+
+        Args:
+            input_ids, attention_mask, pixel_values: mention inputs from [`M3ELProcessor`], `(B, L)` and `(B, 3, H, W)`.
+            entity_input_ids, entity_attention_mask, entity_pixel_values: entity inputs, `(E, L)` and `(E, 3, H, W)`.
+            return_loss (`bool`): compute the training objective; needs an aligned batch (`E == B`, entity `i` is
+                the gold entity of mention `i`).
+            has_image, entity_has_image (`torch.BoolTensor`, *optional*): the processor's record of which samples
+                had a readable image. Informational: a sample without one is scored with the all-zero image, as
+                the published model was trained.
+        """
+        mention_features = self.encode(input_ids, attention_mask, pixel_values, side="mention")
+        entity_features = self.encode(entity_input_ids, entity_attention_mask, entity_pixel_values, side="entity")
+        if return_loss and entity_input_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"return_loss=True needs an aligned batch (entity i is the gold entity of mention i), but got "
+                f"{input_ids.shape[0]} mentions and {entity_input_ids.shape[0]} entities"
+            )
+        scores = self.score(mention_features, entity_features)
+        icl_loss = loss = None
+        if return_loss:
+            if self.config.use_icl:
+                icl_loss = self.icl_loss(mention_features, entity_features)
+            loss = self.loss(scores, icl_loss)
+        return M3ELOutput(
+            loss=loss,
+            logits=scores.logits,
+            text_logits=scores.text_logits,
+            image_logits=scores.image_logits,
+            text_to_image_logits=scores.text_to_image_logits,
+            image_to_text_logits=scores.image_to_text_logits,
+            icl_loss=icl_loss,
+            mention_features=mention_features,
+            entity_features=entity_features,
+        )
+
+
+def _check_features(features: M3ELFeatures, name: str):
+    if not isinstance(features, M3ELFeatures):
+        raise TypeError(f"{name} must be an M3ELFeatures (from M3ELModel.encode), got {type(features).__name__}")
+    counts = {key: value.shape[0] for key, value in features.items()}
+    if len(counts) != 4 or len(set(counts.values())) != 1:
+        raise ValueError(f"{name} must hold all four features for the same number of samples, got {counts}")
+
+
+def _slice_features(features: M3ELFeatures, start: int, stop: int) -> M3ELFeatures:
+    return M3ELFeatures(**{key: value[start:stop] for key, value in features.items()})
+
+
+__all__ = ["M3ELFeatures", "M3ELModel", "M3ELOutput", "M3ELPreTrainedModel", "M3ELScores"]

@@ -1,0 +1,193 @@
+"""M3EL processor: mention and entity texts and images to model inputs, exactly as the published model saw them."""
+
+import base64
+import binascii
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from urllib.parse import unquote
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature, ProcessorMixin
+
+
+class M3ELProcessor(ProcessorMixin):
+    r"""
+    Builds M3EL inputs (SPEC section 1) with a CLIP tokenizer and a CLIP image processor.
+
+    - Mention text: `unquote(mention) + separator + sentence`; entity text: `unquote(name) + separator + description`;
+      tokenized, truncated and padded to exactly `text_max_length` tokens (the model does not mask padding).
+    - Image: a path, a `PIL.Image.Image`, a numpy array (H, W[, C]), raw bytes or a base64 string; resized to the
+      image processor's crop size with Lanczos, then CLIP preprocessing (RGB conversion, normalisation).
+      `None` gives an all-zero image. An unreadable image also gives an all-zero image (as the authors' code
+      did silently), but here with a warning naming it, and it is counted in `num_unreadable_images`.
+      The per-sample flag `has_image` says which samples had a readable image.
+
+    Args:
+        image_processor ([`CLIPImageProcessor`]): CLIP's image processor.
+        tokenizer ([`CLIPTokenizer`]): CLIP's tokenizer.
+        text_max_length (`int`, *optional*, defaults to 40): every text is padded or truncated to this length.
+        text_separator (`str`, *optional*, defaults to `" [SEP] "`): joins mention and sentence, name and description.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, text_max_length: int = 40, text_separator: str = " [SEP] "):
+        if text_max_length < 2:
+            raise ValueError(f"text_max_length must be at least 2 (start and end tokens), got {text_max_length}")
+        self.text_max_length = text_max_length
+        self.text_separator = text_separator
+        self.num_unreadable_images = 0
+        super().__init__(image_processor, tokenizer)
+
+    # --------------------------------------------------------------------------------------------------- text
+
+    def mention_text(self, mention: str, sentence: str) -> str:
+        return unquote(mention) + self.text_separator + sentence
+
+    def entity_text(self, name: str, description: str) -> str:
+        return unquote(name) + self.text_separator + description
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.text_max_length, return_tensors="pt"
+        )
+
+    # -------------------------------------------------------------------------------------------------- images
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        crop = self.image_processor.crop_size
+        return int(crop["height"]), int(crop["width"])
+
+    def _open_image(self, image) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(image)
+        if isinstance(image, (bytes, bytearray)):
+            return Image.open(io.BytesIO(image))
+        if isinstance(image, (str, os.PathLike)):
+            text = str(image)
+            if text.startswith("data:image/") and "," in text:
+                return Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[1], validate=True)))
+            if os.path.exists(text):
+                return Image.open(text)
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise FileNotFoundError(f"no such image file: {text}") from None
+            return Image.open(io.BytesIO(data))
+        raise TypeError(f"unsupported image type {type(image).__name__}")
+
+    def load_image(self, image, name: str | None = None) -> tuple[torch.Tensor, bool]:
+        """One image -> (pixel_values (3, H, W), readable). `None` or an unreadable image gives zeros."""
+        height, width = self.image_size
+        if image is None:
+            return torch.zeros(3, height, width), False
+        try:
+            # The authors resized before CLIP preprocessing, in the image's own mode; so do we.
+            resized = self._open_image(image).resize((width, height), Image.Resampling.LANCZOS)
+        except (OSError, ValueError, TypeError, UnidentifiedImageError, Image.DecompressionBombError) as error:
+            self.num_unreadable_images += 1
+            label = name or (str(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__}>")
+            if len(label) > 200:
+                label = label[:200] + "..."
+            warnings.warn(
+                f"Unreadable image {label}: {error}. Using an all-zero image instead "
+                f"({self.num_unreadable_images} unreadable so far).",
+                stacklevel=3,
+            )
+            return torch.zeros(3, height, width), False
+        pixel_values = self.image_processor(resized, return_tensors="pt")["pixel_values"][0]
+        return pixel_values, True
+
+    def _images(self, images, count: int, names: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if images is None:
+            images = [None] * count
+        if len(images) != count:
+            raise ValueError(f"got {len(images)} images for {count} texts; pass None for a sample without image")
+        loaded = [self.load_image(image, None if names is None else names[i]) for i, image in enumerate(images)]
+        pixel_values = torch.stack([pixels for pixels, _ in loaded]) if loaded else torch.zeros(0, 3, *self.image_size)
+        return pixel_values, torch.tensor([ok for _, ok in loaded], dtype=torch.bool)
+
+    # ----------------------------------------------------------------------------------------------- batches
+
+    def process_mentions(self, mentions, sentences, images=None, image_names=None) -> BatchFeature:
+        """Mention inputs: `input_ids`, `attention_mask` (B, L), `pixel_values` (B, 3, H, W), `has_image` (B,)."""
+        mentions, sentences, images = _as_batch(mentions, sentences, images, ("mentions", "sentences"))
+        texts = [self.mention_text(m, s) for m, s in zip(mentions, sentences)]
+        return self._batch(texts, images, image_names)
+
+    def process_entities(self, names, descriptions, images=None, image_names=None) -> BatchFeature:
+        """Entity inputs, same keys as `process_mentions`. Pass one image per entity (the first one to evaluate)."""
+        names, descriptions, images = _as_batch(names, descriptions, images, ("names", "descriptions"))
+        texts = [self.entity_text(n, d) for n, d in zip(names, descriptions)]
+        return self._batch(texts, images, image_names)
+
+    def _batch(self, texts: list[str], images, image_names) -> BatchFeature:
+        encoded = self._tokenize(texts)
+        pixel_values, has_image = self._images(images, len(texts), image_names)
+        return BatchFeature(
+            {
+                "input_ids": encoded["input_ids"],
+                "attention_mask": encoded["attention_mask"],
+                "pixel_values": pixel_values,
+                "has_image": has_image,
+            }
+        )
+
+    def __call__(
+        self,
+        mentions=None,
+        sentences=None,
+        images=None,
+        entity_names=None,
+        entity_descriptions=None,
+        entity_images=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Mention inputs, entity inputs, or both (entity keys prefixed with `entity_`), ready for `M3ELModel(**inputs)`.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
+        if mentions is None and entity_names is None:
+            raise ValueError("give mentions (with sentences), entities (entity_names with entity_descriptions), or both")
+        output = {}
+        if mentions is not None:
+            if sentences is None:
+                raise ValueError("mentions need their sentences")
+            output.update(self.process_mentions(mentions, sentences, images))
+        if entity_names is not None:
+            if entity_descriptions is None:
+                raise ValueError("entity_names need their entity_descriptions")
+            entities = self.process_entities(entity_names, entity_descriptions, entity_images)
+            output.update({f"entity_{key}": value for key, value in entities.items()})
+        return BatchFeature(output)
+
+    @property
+    def model_input_names(self):
+        return ["input_ids", "attention_mask", "pixel_values", "has_image"]
+
+
+def _as_batch(first, second, images, names: tuple[str, str]):
+    """Accept one sample (strings and a single image) or a batch (lists); return lists."""
+    if isinstance(first, str) != isinstance(second, str):
+        raise ValueError(f"{names[0]} and {names[1]} must both be strings or both be lists")
+    if isinstance(first, str):
+        return [first], [second], [images]
+    first, second = list(first), list(second)
+    if len(first) != len(second):
+        raise ValueError(f"got {len(first)} {names[0]} but {len(second)} {names[1]}")
+    for index, (a, b) in enumerate(zip(first, second)):
+        if not isinstance(a, str) or not isinstance(b, str):
+            raise ValueError(f"sample {index}: {names[0]} and {names[1]} must be strings, got {type(a).__name__}, "
+                             f"{type(b).__name__}")
+    return first, second, images if images is None else list(images)
+
+
+__all__ = ["M3ELProcessor"]
