@@ -331,6 +331,7 @@ class M3ELModel(M3ELPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
+        has_image: torch.BoolTensor | None = None,
         side: str = "mention",
     ) -> M3ELFeatures:
         """
@@ -340,6 +341,9 @@ class M3ELModel(M3ELPreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(n, L)`): texts padded to `config.text_max_length`.
             attention_mask (`torch.LongTensor` of shape `(n, L)`, *optional*): CLIP's text attention mask.
             pixel_values (`torch.FloatTensor` of shape `(n, 3, H, W)`): CLIP-normalised images (zeros: no image).
+            has_image (`torch.BoolTensor` of shape `(n,)`, *optional*): the processor's record of readable images;
+                informational (a sample without one is encoded with the all-zero image, as in training), accepted
+                so that `encode(**processor_output)` works.
             side (`str`): `"mention"` or `"entity"`, only used in error messages.
         """
         self._check_inputs(input_ids, attention_mask, pixel_values, side)

@@ -1,0 +1,169 @@
+"""M3ELProcessor: texts and images exactly as SPEC section 1, every image source, and no silent image failures."""
+
+import base64
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_m3el.tiny import tiny_processor
+
+SIZE = 32
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor(words=("paris", "hilton", "hotel"), image_size=SIZE)
+
+
+def expected_pixels(image: Image.Image) -> torch.Tensor:
+    """SPEC 1 by hand: Lanczos resize in the image's own mode, RGB, scale to [0, 1], CLIP mean/std, CHW."""
+    resized = image.resize((SIZE, SIZE), Image.Resampling.LANCZOS).convert("RGB")
+    array = (np.asarray(resized, dtype=np.float64) / 255.0 - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(array.transpose(2, 0, 1)).float()
+
+
+def random_image(seed=0, size=(57, 43), mode="RGB"):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": None}[mode]
+    shape = (size[1], size[0]) if channels is None else (size[1], size[0], channels)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+def test_mention_and_entity_text_layout(processor):
+    assert processor.mention_text("Paris%20Hilton", "She arrived.") == "Paris Hilton [SEP] She arrived."
+    assert processor.entity_text("Hotel%C3%A9", "A hotel.") == "Hotelé [SEP] A hotel."
+    inputs = processor.process_mentions("Paris%20Hilton", "at the hotel")
+    expected = processor.tokenizer("Paris Hilton [SEP] at the hotel")["input_ids"]
+    ids = inputs["input_ids"][0].tolist()
+    assert ids[: len(expected)] == expected
+    # Padded with the pad token to exactly text_max_length, attention mask zero there.
+    assert len(ids) == processor.text_max_length == 40
+    assert ids[len(expected) :] == [processor.tokenizer.pad_token_id] * (40 - len(expected))
+    assert inputs["attention_mask"][0].tolist() == [1] * len(expected) + [0] * (40 - len(expected))
+    # The literal [SEP] is kept (CLIP splits it into pieces).
+    assert "]</w>" in processor.tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_long_text_is_truncated_to_max_length(processor):
+    inputs = processor.process_entities("hilton", "hotel " * 100)
+    ids = inputs["input_ids"][0]
+    assert ids.shape == (40,)
+    assert ids[-1].item() == processor.tokenizer.eos_token_id
+    assert inputs["attention_mask"][0].sum().item() == 40
+
+
+@pytest.mark.parametrize("source", ["path", "pil", "numpy", "bytes", "base64", "data_url"])
+def test_image_sources_give_spec_pixels(processor, tmp_path, source):
+    image = random_image(seed=1)
+    path = tmp_path / "photo.png"
+    image.save(path)
+    raw = path.read_bytes()
+    given = {
+        "path": str(path),
+        "pil": image,
+        "numpy": np.asarray(image),
+        "bytes": raw,
+        "base64": base64.b64encode(raw).decode(),
+        "data_url": "data:image/png;base64," + base64.b64encode(raw).decode(),
+    }[source]
+    inputs = processor.process_mentions("paris", "a photo", given)
+    torch.testing.assert_close(inputs["pixel_values"][0], expected_pixels(image), atol=1e-5, rtol=0)
+    assert inputs["has_image"].tolist() == [True]
+
+
+def test_grayscale_and_png_named_jpg(processor, tmp_path):
+    gray = random_image(seed=2, mode="L")
+    path = tmp_path / "actually_png.jpg"  # a PNG under a .jpg name, as in the benchmarks' dirt
+    gray.save(path, format="PNG")
+    inputs = processor.process_entities("hilton", "x", str(path))
+    torch.testing.assert_close(inputs["pixel_values"][0], expected_pixels(gray), atol=1e-5, rtol=0)
+    # A gray image becomes three equal channels before normalisation.
+    channels = inputs["pixel_values"][0] * torch.tensor(CLIP_STD).float()[:, None, None]
+    channels = channels + torch.tensor(CLIP_MEAN).float()[:, None, None]
+    torch.testing.assert_close(channels[0], channels[1], atol=1e-5, rtol=0)
+
+
+def test_missing_image_is_zeros_with_flag(processor):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no image is not an error: no warning either
+        inputs = processor.process_mentions(["paris", "hilton"], ["a", "b"], [None, random_image()])
+    assert torch.count_nonzero(inputs["pixel_values"][0]) == 0
+    assert torch.count_nonzero(inputs["pixel_values"][1]) > 0
+    assert inputs["has_image"].tolist() == [False, True]
+    assert processor.process_mentions("paris", "no image given")["has_image"].tolist() == [False]
+
+
+def test_unreadable_image_warns_names_it_and_counts(tmp_path):
+    processor = tiny_processor(image_size=SIZE)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+    missing = tmp_path / "missing.jpg"
+    with pytest.warns(UserWarning, match="broken.jpg") as record:
+        inputs = processor.process_mentions(
+            ["a", "b", "c"], ["x", "y", "z"], [str(broken), random_image(), str(missing)]
+        )
+    messages = [str(w.message) for w in record]
+    assert any("missing.jpg" in m and "no such image file" in m for m in messages)
+    assert processor.num_unreadable_images == 2
+    assert inputs["has_image"].tolist() == [False, True, False]
+    assert torch.count_nonzero(inputs["pixel_values"][0]) == 0
+    assert torch.count_nonzero(inputs["pixel_values"][2]) == 0
+    with pytest.warns(UserWarning, match="3 unreadable so far"):
+        processor.process_entities("e", "d", b"\x00\x01garbage")
+
+
+def test_call_builds_model_inputs_for_both_sides(processor):
+    inputs = processor(
+        mentions=["paris", "hilton"],
+        sentences=["one", "two"],
+        images=[random_image(3), None],
+        entity_names=["Paris", "Hilton", "Hotel"],
+        entity_descriptions=["city", "family", "building"],
+        entity_images=[None, None, random_image(4)],
+    )
+    assert set(inputs) == {
+        "input_ids", "attention_mask", "pixel_values", "has_image",
+        "entity_input_ids", "entity_attention_mask", "entity_pixel_values", "entity_has_image",
+    }
+    assert inputs["input_ids"].shape == (2, 40) and inputs["entity_input_ids"].shape == (3, 40)
+    assert inputs["pixel_values"].shape == (2, 3, SIZE, SIZE)
+    assert inputs["entity_has_image"].tolist() == [False, False, True]
+    separate = processor.process_entities(["Paris", "Hilton", "Hotel"], ["city", "family", "building"])
+    assert torch.equal(inputs["entity_input_ids"], separate["input_ids"])
+
+
+def test_bad_calls_have_clear_errors(processor):
+    with pytest.raises(ValueError, match="2 mentions but 1 sentences"):
+        processor.process_mentions(["a", "b"], ["x"])
+    with pytest.raises(ValueError, match="got 1 images for 2 texts"):
+        processor.process_mentions(["a", "b"], ["x", "y"], [None])
+    with pytest.raises(ValueError, match="mentions need their sentences"):
+        processor(mentions=["a"])
+    with pytest.raises(ValueError, match="give mentions"):
+        processor()
+    with pytest.raises(ValueError, match="sample 1"):
+        processor.process_entities(["a", 3], ["x", "y"])
+
+
+def test_save_and_reload_keeps_settings(tmp_path):
+    from transformers import AutoProcessor
+
+    import modeling_m3el  # noqa: F401  (registers M3ELProcessor with AutoProcessor)
+
+    processor = tiny_processor(words=("paris",), image_size=SIZE, text_max_length=24)
+    processor.text_separator = " | "
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "M3ELProcessor"
+    assert reloaded.text_max_length == 24 and reloaded.text_separator == " | "
+    image = random_image(5)
+    a = processor.process_mentions("paris", "s", image)
+    b = reloaded.process_mentions("paris", "s", image)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
