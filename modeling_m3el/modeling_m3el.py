@@ -92,6 +92,11 @@ class M3ELOutput(ModelOutput):
     entity_features: M3ELFeatures | None = None
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Losses of half-precision runs are computed in float32; float64 stays float64."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def intra_modal_contrastive_loss(
     entity_embeds: torch.Tensor, mention_embeds: torch.Tensor, tau: float, inter_weight: float, intra_weight: float
 ) -> torch.Tensor:
@@ -101,8 +106,8 @@ def intra_modal_contrastive_loss(
     Entity-anchored logits of row `i` are `[w_inter * e_i m^T, w_intra * e_i e^T] / tau`, the self-similarity
     multiplied by 0 (so it stays in the softmax, as in the authors' code); mention-anchored logits likewise.
     """
-    entity_embeds = F.normalize(entity_embeds.float(), dim=-1)
-    mention_embeds = F.normalize(mention_embeds.float(), dim=-1)
+    entity_embeds = F.normalize(_at_least_float32(entity_embeds), dim=-1)
+    mention_embeds = F.normalize(_at_least_float32(mention_embeds), dim=-1)
     n = entity_embeds.shape[0]
     labels = torch.arange(n, device=entity_embeds.device)
     off_diagonal = 1.0 - torch.eye(n, device=entity_embeds.device)
@@ -300,12 +305,13 @@ class M3ELModel(M3ELPreTrainedModel):
 
     def _check_inputs(self, input_ids, attention_mask, pixel_values, side: str):
         prefix = "" if side == "mention" else "entity_"
+        count = "num_mentions" if side == "mention" else "num_entities"
         length = self.config.text_max_length
         if input_ids is None or pixel_values is None:
             raise ValueError(f"{side}s need both `{prefix}input_ids` and `{prefix}pixel_values`")
         if input_ids.dim() != 2 or input_ids.shape[1] != length:
             raise ValueError(
-                f"`{prefix}input_ids` must have shape (num_{side}s, {length}): texts are padded to exactly "
+                f"`{prefix}input_ids` must have shape ({count}, {length}): texts are padded to exactly "
                 f"config.text_max_length={length} tokens (M3ELProcessor does this); got {tuple(input_ids.shape)}"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -317,7 +323,7 @@ class M3ELModel(M3ELPreTrainedModel):
         expected = (vision.num_channels, vision.image_size, vision.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
-                f"`{prefix}pixel_values` must have shape (num_{side}s, {', '.join(map(str, expected))}); "
+                f"`{prefix}pixel_values` must have shape ({count}, {', '.join(map(str, expected))}); "
                 f"got {tuple(pixel_values.shape)}"
             )
         if pixel_values.shape[0] != input_ids.shape[0]:
@@ -424,9 +430,9 @@ class M3ELModel(M3ELPreTrainedModel):
         _check_features(entity_features, "entity_features")
         mentions = self.prepare_mentions(mention_features)
         num_entities = entity_features.text_embeds.shape[0]
-        chunk = entity_chunk_size or max(num_entities, 1)
-        if chunk <= 0:
+        if entity_chunk_size is not None and entity_chunk_size <= 0:
             raise ValueError(f"entity_chunk_size must be positive, got {entity_chunk_size}")
+        chunk = entity_chunk_size or max(num_entities, 1)
         pieces = [
             self.score_prepared(mentions, self.prepare_entities(_slice_features(entity_features, start, start + chunk)))
             for start in range(0, num_entities, chunk)
@@ -450,7 +456,7 @@ class M3ELModel(M3ELPreTrainedModel):
         negatives): CE of the final score plus CE of every branch score plus ICL, each with weight 1.
         """
         labels = torch.arange(scores.logits.shape[0], device=scores.logits.device)
-        loss = sum(F.cross_entropy(logits.float(), labels) for logits in scores.values())
+        loss = sum(F.cross_entropy(_at_least_float32(logits), labels) for logits in scores.values())
         return loss + icl_loss if icl_loss is not None else loss
 
     def forward(
