@@ -1,0 +1,200 @@
+"""EntityIndex and the exact ranker: same scores as forward, chunking invisible, save/load, stale indexes refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_m3el import M3ELModel
+from modeling_m3el.index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, StaleIndexError, model_fingerprint
+from modeling_m3el.tiny import tiny_config, tiny_processor
+
+MODES = ("text_to_image", "bidirectional")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor(words=("river", "bank", "city"))
+
+
+def _images(count, seed):
+    rng = np.random.default_rng(seed)
+    return [
+        None if i % 4 == 3 else Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8))
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def kb():
+    images = _images(13, seed=0)  # 13 entities: not a multiple of any chunk size used below
+    return [
+        {"id": f"Q{i}", "name": f"entity {i % 5}", "description": f"river bank {i}", "image": images[i]}
+        for i in range(13)
+    ]
+
+
+@pytest.fixture(scope="module")
+def mentions(processor):
+    return processor.process_mentions(
+        ["entity 1", "city", "entity 4"], ["the river bank", "a city", "x"], _images(3, seed=1)
+    )
+
+
+def _model(processor, mode, seed=0):
+    torch.manual_seed(seed)
+    model = M3ELModel(tiny_config(processor, cross_modal=mode)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and not name.startswith("clip."):
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def _forward_logits(model, processor, mentions, kb):
+    entity_inputs = processor.process_entities(
+        [e["name"] for e in kb], [e["description"] for e in kb], [e["image"] for e in kb]
+    )
+    with torch.no_grad():
+        return model(**mentions, **{f"entity_{k}": v for k, v in entity_inputs.items()}).logits
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 100])
+def test_exact_ranker_equals_forward(processor, kb, mentions, mode, chunk_size):
+    model = _model(processor, mode)
+    expected = _forward_logits(model, processor, mentions, kb)
+    index = EntityIndex.build(model, processor, kb, batch_size=5, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    scores = index.scores(model, features, chunk_size=chunk_size)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    # One mention alone gives its row.
+    single = index.scores(model, type(features)(**{k: v[1:2] for k, v in features.items()}), chunk_size=chunk_size)
+    torch.testing.assert_close(single, expected[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_and_topk_follow_the_spec(processor, kb, mentions):
+    model = _model(processor, "text_to_image")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    scores = index.scores(model, features)
+    gold = ["Q3", "Q0", "Q12"]
+    ranks = index.rank(model, features, gold, chunk_size=3)
+    for row, entity_id in enumerate(gold):
+        gold_score = scores[row, int(entity_id[1:])]
+        assert ranks[row].item() == int((scores[row] >= gold_score).sum())
+    values, rows, ids = index.topk(model, features, k=4)
+    expected_values, expected_rows = scores.topk(4, dim=1)
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(rows, expected_rows)
+    assert ids == [[kb[r]["id"] for r in row] for row in expected_rows.tolist()]
+    assert index.topk(model, features, k=50)[0].shape == (3, 13)  # k larger than the KB: the whole KB
+
+
+def test_ties_count_against_the_gold(processor, kb, mentions):
+    # Two entities with identical content get identical scores: whichever is gold ranks behind its twin.
+    twin_kb = kb + [dict(kb[2], id="Q2-twin")]
+    model = _model(processor, "bidirectional")
+    index = EntityIndex.build(model, processor, twin_kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    scores = index.scores(model, features)
+    assert torch.equal(scores[:, 2], scores[:, 13])
+    ranks_original = index.rank(model, features, ["Q2"] * 3)
+    ranks_twin = index.rank(model, features, ["Q2-twin"] * 3)
+    assert torch.equal(ranks_original, ranks_twin)
+    assert torch.equal(ranks_original, (scores >= scores[:, 2:3]).sum(dim=1))
+    assert (ranks_original >= 2).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_load_round_trip(processor, kb, mentions, tmp_path, mode):
+    model = _model(processor, mode)
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    index.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [INDEX_META, INDEX_WEIGHTS]
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    assert meta["entity_ids"] == [e["id"] for e in kb] and meta["fingerprint"] == model_fingerprint(model)
+    loaded = EntityIndex.load(tmp_path, model)
+    assert loaded.entity_ids == index.entity_ids
+    for name, tensor in index.tensors.items():
+        assert torch.equal(loaded.tensors[name], tensor), name
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    assert torch.equal(loaded.scores(model, features), index.scores(model, features))
+
+
+def test_index_keeps_only_what_scoring_needs(processor, kb):
+    model = _model(processor, "bidirectional")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    d = model.config.matching_dim
+    p = model.config.clip_config.projection_dim
+    length = model.config.text_max_length
+    patches = (model.config.clip_config.vision_config.image_size // model.config.clip_config.vision_config.patch_size) ** 2 + 1
+    shapes = {name: tuple(t.shape[1:]) for name, t in index.tensors.items()}
+    assert shapes == {
+        "text.embeds": (p,), "text.query": (length, d), "text.global": (d,),
+        "image.embeds": (d,), "image.query": (patches, d), "image.global": (d,),
+        "cross_modal.text_to_image": (d,), "cross_modal.image_to_text": (d,),
+    }
+    assert index.to(dtype=torch.bfloat16).nbytes * 2 == index.nbytes
+
+
+def test_stale_index_is_refused(processor, kb, tmp_path):
+    model = _model(processor, "text_to_image")
+    EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
+    other = _model(processor, "text_to_image", seed=1)
+    with pytest.raises(StaleIndexError, match="built with another model"):
+        EntityIndex.load(tmp_path, other)
+    # One optimiser step on the same model also makes it stale.
+    with torch.no_grad():
+        model.text_matching.query.bias.add_(1e-2)
+    with pytest.raises(StaleIndexError):
+        EntityIndex.load(tmp_path, model)
+    # The same weights in bfloat16 are the same model.
+    with torch.no_grad():
+        model.text_matching.query.bias.sub_(1e-2)
+    EntityIndex.load(tmp_path, model.to(torch.bfloat16))
+
+
+def test_half_written_index_is_refused(processor, kb, tmp_path):
+    model = _model(processor, "text_to_image")
+    EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    meta["fingerprint"] = "0" * 32  # as if the weights of one build met the metadata of another
+    (tmp_path / INDEX_META).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="different builds"):
+        EntityIndex.load(tmp_path)
+
+
+def test_empty_inputs_have_clear_errors(processor, kb, mentions):
+    model = _model(processor, "text_to_image")
+    with pytest.raises(ValueError, match="empty KB"):
+        EntityIndex.build(model, processor, [], progress=False)
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    empty = type(features)(**{k: v[:0] for k, v in features.items()})
+    with pytest.raises(ValueError, match="a batch of 0"):
+        index.scores(model, empty)
+    with pytest.raises(KeyError, match="'Q99' is not in the index"):
+        index.rank(model, features, ["Q1", "Q2", "Q99"])
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.topk(model, features, k=0)
+    with pytest.raises(ValueError, match="duplicate entity ids"):
+        EntityIndex.build(model, processor, kb + kb[:1], progress=False)
+
+
+def test_bfloat16_index_ranks_close_to_float32(processor, kb, mentions):
+    model = _model(processor, "bidirectional")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    exact = index.scores(model, features)
+    fast = index.to(dtype=torch.bfloat16).scores(model, features)
+    assert fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), exact, rtol=0.05, atol=0.3)
