@@ -68,7 +68,7 @@ class M3ELConfig(PreTrainedConfig):
     clip_config: dict | CLIPConfig | None = None
     matching_dim: int = 96
     cross_modal: str = "text_to_image"
-    csra_temperatures: list[float] | tuple[float, ...] = (2.0, 2.5, 3.5, 4.5, 99.0)  # 5 heads, authors' config
+    csra_temperatures: list[int | float] | tuple[int | float, ...] = (2.0, 2.5, 3.5, 4.5, 99.0)  # 5 heads, authors' config
     csra_lambda: float = 1.0
     icl_tau: float = 0.03  # authors' config
     icl_inter_weight: float = 1.0

@@ -98,26 +98,50 @@ def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def intra_modal_contrastive_loss(
-    entity_embeds: torch.Tensor, mention_embeds: torch.Tensor, tau: float, inter_weight: float, intra_weight: float
+    entity_embeds: torch.Tensor,
+    mention_embeds: torch.Tensor,
+    tau: float,
+    inter_weight: float,
+    intra_weight: float,
+    all_entity_embeds: torch.Tensor | None = None,
+    all_mention_embeds: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """
     ICL of one modality (SPEC 3), on an aligned batch: row `i` of both inputs is a gold pair.
 
     Entity-anchored logits of row `i` are `[w_inter * e_i m^T, w_intra * e_i e^T] / tau`, the self-similarity
     multiplied by 0 (so it stays in the softmax, as in the authors' code); mention-anchored logits likewise.
+    With negatives gathered from several processes, the local rows are anchors against `all_*` (the global batch),
+    in which the local rows start at `offset`.
     """
     entity_embeds = F.normalize(_at_least_float32(entity_embeds), dim=-1)
     mention_embeds = F.normalize(_at_least_float32(mention_embeds), dim=-1)
-    n = entity_embeds.shape[0]
-    labels = torch.arange(n, device=entity_embeds.device)
-    off_diagonal = 1.0 - torch.eye(n, device=entity_embeds.device)
+    all_entities = entity_embeds if all_entity_embeds is None else F.normalize(_at_least_float32(all_entity_embeds), -1)
+    all_mentions = mention_embeds if all_mention_embeds is None else F.normalize(_at_least_float32(all_mention_embeds), -1)
+    n, total = entity_embeds.shape[0], all_entities.shape[0]
+    labels = torch.arange(offset, offset + n, device=entity_embeds.device)
+    off_diagonal = 1.0 - F.one_hot(labels, total).to(entity_embeds.dtype)  # (n, total): 0 at each row's self
 
-    def anchored(anchor, other):
-        inter = anchor @ other.T / tau  # (n, n)
-        intra = anchor @ anchor.T / tau * off_diagonal  # (n, n), diagonal zeroed, not masked
+    def anchored(anchor, others_of_other_side, others_of_same_side):
+        inter = anchor @ others_of_other_side.T / tau  # (n, total)
+        intra = anchor @ others_of_same_side.T / tau * off_diagonal  # (n, total), self zeroed, not masked
         return F.cross_entropy(torch.cat([inter_weight * inter, intra_weight * intra], dim=1), labels)
 
-    return (anchored(entity_embeds, mention_embeds) + anchored(mention_embeds, entity_embeds)) / 2
+    return (anchored(entity_embeds, all_mentions, all_entities) + anchored(mention_embeds, all_entities, all_mentions)) / 2
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process in rank order, gradients flowing back to each process's piece."""
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+def _distributed_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class M3ELIntraModalMatching(nn.Module):
@@ -443,19 +467,39 @@ class M3ELModel(M3ELPreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- forward
 
-    def icl_loss(self, mention_features: M3ELFeatures, entity_features: M3ELFeatures) -> torch.Tensor:
-        """SPEC 3: ICL on the raw text and image vectors (before any LayerNorm), averaged over the two modalities."""
+    def icl_loss(
+        self,
+        mention_features: M3ELFeatures,
+        entity_features: M3ELFeatures,
+        all_mention_features: M3ELFeatures | None = None,
+        all_entity_features: M3ELFeatures | None = None,
+        offset: int = 0,
+    ) -> torch.Tensor:
+        """
+        SPEC 3: ICL on the raw text and image vectors (before any LayerNorm), averaged over the two modalities.
+        `all_*` and `offset`: the global batch when negatives are gathered from several processes.
+        """
         args = (self.config.icl_tau, self.config.icl_inter_weight, self.config.icl_intra_weight)
-        text = intra_modal_contrastive_loss(entity_features.text_embeds, mention_features.text_embeds, *args)
-        image = intra_modal_contrastive_loss(entity_features.image_embeds, mention_features.image_embeds, *args)
-        return (text + image) / 2
+        losses = []
+        for name in ("text_embeds", "image_embeds"):
+            losses.append(
+                intra_modal_contrastive_loss(
+                    entity_features[name],
+                    mention_features[name],
+                    *args,
+                    all_entity_embeds=None if all_entity_features is None else all_entity_features[name],
+                    all_mention_embeds=None if all_mention_features is None else all_mention_features[name],
+                    offset=offset,
+                )
+            )
+        return (losses[0] + losses[1]) / 2
 
-    def loss(self, scores: M3ELScores, icl_loss: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, scores: M3ELScores, icl_loss: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
         """
-        SPEC 4.3 on an aligned batch (the gold entity of mention `i` is entity `i`, the others are in-batch
-        negatives): CE of the final score plus CE of every branch score plus ICL, each with weight 1.
+        SPEC 4.3 on an aligned batch (the gold entity of mention `i` is entity `offset + i`, every other entity is
+        an in-batch negative): CE of the final score plus CE of every branch score plus ICL, each with weight 1.
         """
-        labels = torch.arange(scores.logits.shape[0], device=scores.logits.device)
+        labels = torch.arange(offset, offset + scores.logits.shape[0], device=scores.logits.device)
         loss = sum(F.cross_entropy(_at_least_float32(logits), labels) for logits in scores.values())
         return loss + icl_loss if icl_loss is not None else loss
 
@@ -468,6 +512,7 @@ class M3ELModel(M3ELPreTrainedModel):
         entity_attention_mask: torch.LongTensor | None = None,
         entity_pixel_values: torch.FloatTensor | None = None,
         return_loss: bool = False,
+        gather_negatives: bool = False,
         has_image: torch.BoolTensor | None = None,
         entity_has_image: torch.BoolTensor | None = None,
     ) -> M3ELOutput:
@@ -479,6 +524,11 @@ class M3ELModel(M3ELPreTrainedModel):
             entity_input_ids, entity_attention_mask, entity_pixel_values: entity inputs, `(E, L)` and `(E, 3, H, W)`.
             return_loss (`bool`): compute the training objective; needs an aligned batch (`E == B`, entity `i` is
                 the gold entity of mention `i`).
+            gather_negatives (`bool`): in distributed training, score the local mentions against the entities of
+                every process and take the ICL negatives from every process too (gradients flow back through the
+                gather), so that N processes of batch b train like one process of batch N*b. Every process must
+                hold the same number of mentions. Without an initialised process group it changes nothing.
+                `logits` are then (b, N*b).
             has_image, entity_has_image (`torch.BoolTensor`, *optional*): the processor's record of which samples
                 had a readable image. Informational: a sample without one is scored with the all-zero image, as
                 the published model was trained.
@@ -490,12 +540,23 @@ class M3ELModel(M3ELPreTrainedModel):
                 f"return_loss=True needs an aligned batch (entity i is the gold entity of mention i), but got "
                 f"{input_ids.shape[0]} mentions and {entity_input_ids.shape[0]} entities"
             )
-        scores = self.score(mention_features, entity_features)
+        rank, world_size = _distributed_world() if gather_negatives else (0, 1)
+        all_mention_features = all_entity_features = None
+        offset = 0
+        if world_size > 1:
+            all_mention_features = M3ELFeatures(**{k: gather_with_grad(v) for k, v in mention_features.items()})
+            all_entity_features = M3ELFeatures(**{k: gather_with_grad(v) for k, v in entity_features.items()})
+            if all_mention_features.text_embeds.shape[0] != world_size * input_ids.shape[0]:
+                raise ValueError("gather_negatives needs the same number of mentions on every process")
+            offset = rank * input_ids.shape[0]
+        scores = self.score(mention_features, entity_features if all_entity_features is None else all_entity_features)
         icl_loss = loss = None
         if return_loss:
             if self.config.use_icl:
-                icl_loss = self.icl_loss(mention_features, entity_features)
-            loss = self.loss(scores, icl_loss)
+                icl_loss = self.icl_loss(
+                    mention_features, entity_features, all_mention_features, all_entity_features, offset
+                )
+            loss = self.loss(scores, icl_loss, offset)
         return M3ELOutput(
             loss=loss,
             logits=scores.logits,
