@@ -117,8 +117,11 @@ def intra_modal_contrastive_loss(
     """
     entity_embeds = F.normalize(_at_least_float32(entity_embeds), dim=-1)
     mention_embeds = F.normalize(_at_least_float32(mention_embeds), dim=-1)
-    all_entities = entity_embeds if all_entity_embeds is None else F.normalize(_at_least_float32(all_entity_embeds), -1)
-    all_mentions = mention_embeds if all_mention_embeds is None else F.normalize(_at_least_float32(all_mention_embeds), -1)
+    if all_entity_embeds is None:
+        all_entities, all_mentions = entity_embeds, mention_embeds
+    else:
+        all_entities = F.normalize(_at_least_float32(all_entity_embeds), dim=-1)
+        all_mentions = F.normalize(_at_least_float32(all_mention_embeds), dim=-1)
     n, total = entity_embeds.shape[0], all_entities.shape[0]
     labels = torch.arange(offset, offset + n, device=entity_embeds.device)
     off_diagonal = 1.0 - F.one_hot(labels, total).to(entity_embeds.dtype)  # (n, total): 0 at each row's self
@@ -131,11 +134,27 @@ def intra_modal_contrastive_loss(
     return (anchored(entity_embeds, all_mentions, all_entities) + anchored(mention_embeds, all_entities, all_mentions)) / 2
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; backward sums every process's gradient of the gathered tensor and returns this
+    process's slice, so each piece receives the gradient of every process's loss."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        pieces = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(pieces, tensor.contiguous())
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), tensor.shape[0]
+        return torch.cat(pieces, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every process in rank order, gradients flowing back to each process's piece."""
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def _distributed_world() -> tuple[int, int]:
