@@ -1,6 +1,13 @@
-"""Ranking evaluation: the `evaluate` metric module that ships in this package, and its offline loader."""
+"""Ranking evaluation (SPEC 6): gold-entity ranks of a split against the whole KB, and the metrics over them."""
 
 import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .index_m3el import EntityIndex
+from .modeling_m3el import M3ELModel
 
 RANKING_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "m3el_ranking")
 
@@ -10,3 +17,58 @@ def load_ranking_metric(**kwargs):
     import evaluate
 
     return evaluate.load(RANKING_METRIC_PATH, **kwargs)
+
+
+def index_rows(entities) -> list[dict]:
+    """Entity rows of a loaded benchmark -> `EntityIndex.build` records (the first image, as in evaluation)."""
+    return [
+        {"id": row["id"], "name": row["name"], "description": row["description"],
+         "image": row["images"][0] if row["images"] else None}
+        for row in entities
+    ]
+
+
+@torch.no_grad()
+def gold_ranks(
+    model: M3ELModel,
+    processor,
+    index: EntityIndex,
+    mentions,
+    batch_size: int = 64,
+    accelerator=None,
+    progress: bool = True,
+    description: str = "Ranking",
+) -> np.ndarray:
+    """
+    Rank of each mention's gold entity among all entities of `index`, in the order of `mentions` (rows with
+    `mention`, `sentence`, `image`, `answer`). With an Accelerate `accelerator` of several processes, each process
+    ranks a contiguous share and every process receives all the ranks.
+    """
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    total = len(mentions)
+    if total == 0:
+        raise ValueError("no mentions to rank")
+    share = -(-total // world)
+    start, stop = min(rank * share, total), min((rank + 1) * share, total)
+    batches = range(start, stop, batch_size)
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=description, unit="batch")
+    local = []
+    for first in batches:
+        rows = mentions[first : min(first + batch_size, stop)]
+        inputs = processor.process_mentions(rows["mention"], rows["sentence"], rows["image"]).to(model.device)
+        features = model.encode(**inputs)
+        local.append(index.rank(model, features, rows["answer"]).cpu())
+    local = torch.cat(local) if local else torch.zeros(0, dtype=torch.long)
+    if world > 1:
+        padded = torch.zeros(share, dtype=torch.long, device=accelerator.device)
+        padded[: local.shape[0]] = local.to(accelerator.device)
+        local = accelerator.gather(padded).cpu()[:total]
+    return local.numpy()
+
+
+def ranking_metrics(ranks: Sequence[int]) -> dict[str, float]:
+    """MR, MRR, Hits@1/3/5/10/20 (and the count) through the package's `evaluate` metric module."""
+    return load_ranking_metric().compute(ranks=[int(r) for r in ranks])

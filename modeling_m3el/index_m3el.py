@@ -121,11 +121,15 @@ class EntityIndex:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
+        accelerator=None,
     ) -> "EntityIndex":
         """
         Encode a KB in batches. `entities`: dicts with `id`, `name`, `description` and `image` (a path, PIL image,
         bytes or None; the first image of an entity, as in evaluation). The index is kept in `dtype`
         (default: the model's) on `device` (default: the model's).
+
+        With an Accelerate `accelerator` of several processes, each process encodes a contiguous share of the KB
+        and every process receives the whole index.
         """
         if len(entities) == 0:
             raise ValueError("cannot build an index of an empty KB")
@@ -133,14 +137,17 @@ class EntityIndex:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         model_device = model.device
         device = torch.device(device) if device is not None else model_device
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        share = -(-len(entities) // world)
+        local = entities[rank * share : (rank + 1) * share]
         parts: dict[str, list[torch.Tensor]] = {}
-        batches = range(0, len(entities), batch_size)
-        if progress:
+        batches = range(0, len(local), batch_size)
+        if progress and rank == 0:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="Indexing entities", unit="batch")
         for start in batches:
-            chunk = entities[start : start + batch_size]
+            chunk = local[start : start + batch_size]
             inputs = processor.process_entities(
                 [e["name"] for e in chunk],
                 [e["description"] for e in chunk],
@@ -150,8 +157,20 @@ class EntityIndex:
             features = model.encode(**inputs, side="entity")
             for branch, part in model.prepare_entities(features).items():
                 for name, tensor in part.items():
-                    parts.setdefault(f"{branch}.{name}", []).append(tensor.to(device=device, dtype=dtype or tensor.dtype))
+                    parts.setdefault(f"{branch}.{name}", []).append(tensor.to(dtype or tensor.dtype))
+        if not parts:  # this process's share is empty (more processes than entities): shapes from one entity
+            probe = cls.build(model, processor, entities[:1], batch_size=1, dtype=dtype, progress=False)
+            parts = {name: [tensor[:0].to(model_device)] for name, tensor in probe.tensors.items()}
         tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
+        if world > 1:
+            # Pad every share to the same length, gather in rank order, then cut the padding back out.
+            gathered = {}
+            for name, tensor in tensors.items():
+                padded = torch.zeros((share, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                padded[: tensor.shape[0]] = tensor
+                gathered[name] = accelerator.gather(padded)[: len(entities)]
+            tensors = gathered
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         return cls(tensors, [str(e["id"]) for e in entities], model_fingerprint(model))
 
     # --------------------------------------------------------------------------------------------- save/load
