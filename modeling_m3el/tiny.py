@@ -31,22 +31,43 @@ def tiny_tokenizer(words: tuple[str, ...] = ()) -> CLIPTokenizer:
     Every text tokenizes; the listed words take one token each, so short texts fit in a few tokens.
     """
     alphabet = _byte_alphabet()
-    tokens = alphabet + [char + "</w>" for char in alphabet]
-    merges = []
-    for word in sorted(set(words)):
+    for word in set(words):
         if not word.isascii() or not word.isalpha() or not word.islower() or len(word) < 2:
             raise ValueError(f"tiny_tokenizer words must be lower-case ASCII letters, got {word!r}")
-        piece = word[0]
-        for index, char in enumerate(word[1:], start=1):
-            right = char + ("</w>" if index == len(word) - 1 else "")
-            merges.append((piece, right))
-            piece = piece + right
-            tokens.append(piece)
+    merges = _bpe_merges(sorted(set(words)))
     vocab = {}
-    for token in tokens + [BOS, EOS]:
+    for token in alphabet + [char + "</w>" for char in alphabet] + [left + right for left, right in merges] + [BOS, EOS]:
         vocab.setdefault(token, len(vocab))
-    unique_merges = list(dict.fromkeys(merges))
-    return CLIPTokenizer(vocab=vocab, merges=unique_merges)
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """
+    BPE training on `words` until each is one piece. Encoding replays the merges in this order, so every listed word
+    becomes one token; chaining each word's merges on its own does not, as other words' earlier merges split it
+    ("purple" after "planet" ends as pur/pl/e).
+    """
+    pieces = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    merges = []
+    while True:
+        counts = {}
+        for word in pieces:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = max(counts, key=counts.get)  # ties: the first pair met
+        merges.append(best)
+        for index, word in enumerate(pieces):
+            merged, position = [], 0
+            while position < len(word):
+                if position + 1 < len(word) and (word[position], word[position + 1]) == best:
+                    merged.append(word[position] + word[position + 1])
+                    position += 2
+                else:
+                    merged.append(word[position])
+                    position += 1
+            pieces[index] = merged
 
 
 def tiny_clip_config(tokenizer: CLIPTokenizer, image_size: int = 32, patch_size: int = 8, hidden: int = 32) -> dict:

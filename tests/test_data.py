@@ -1,0 +1,465 @@
+"""Data: the release layout and JSON Lines give exact rows, counts and clear errors; training batches; the sampler."""
+
+import json
+import os
+import re
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_m3el.data import (
+    MELDataError,
+    UniqueGoldBatchSampler,
+    entity_image,
+    load_benchmark,
+    load_jsonl_benchmark,
+    load_mimic_benchmark,
+    process_entity_rows,
+    process_mention_rows,
+    process_training_batch,
+)
+from modeling_m3el.tiny import tiny_processor
+
+NOT_AN_IMAGE = b"these bytes are not an image"
+
+
+def save_image(path, colour, image_format="JPEG"):
+    Image.new("RGB", (20, 16), colour).save(path, format=image_format)
+
+
+def write_json(path, data, indent=1):
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=indent)
+
+
+def release_entities(text_field="desc"):
+    """kb_entity.json records, out of id order as the release may hold them."""
+    return [
+        {"id": 2, "entity_name": "Paris%20Hilton", text_field: "American media personality",
+         "image_list": ["hilton_0.jpg", "hilton_1.png"], "type": "entity"},
+        {"id": 0, "entity_name": "Paris", text_field: "capital of France", "image_list": ["paris.jpg", "gone.jpg"],
+         "type": "entity"},
+        {"id": 1, "entity_name": "Hilton Hotels", text_field: "hotel chain", "image_list": [], "type": "entity"},
+        {"id": 3, "entity_name": "Hotel", text_field: "a building", "image_list": ["broken.jpg"]},
+    ]
+
+
+def release_mentions():
+    return {
+        "train": [
+            {"id": "m0", "sentence": "Paris at night", "mentions": "Paris", "entities": "Paris",
+             "imgPath": "WikiMEL/images/m0.png", "answer": "Q90"},
+            {"id": "m1", "sentence": "Paris Hilton arrives", "mentions": "Paris%20Hilton", "entities": "Paris Hilton",
+             "imgPath": "", "answer": "Q20"},
+            {"id": "m2", "sentence": "an unknown Paris", "mentions": "Paris", "entities": "nil",
+             "imgPath": "m2.jpg", "answer": "nil"},
+            {"id": "m3", "sentence": "the Hilton lobby", "mentions": "Hilton", "entities": "Hilton Hotels",
+             "imgPath": "x/y/m3.jpeg", "answer": "Q30"},
+            {"id": "m4", "sentence": "a hotel", "mentions": "hotel", "entities": "Hotel", "imgPath": "m4.jpg",
+             "answer": "Q10"},
+        ],
+        "dev": [{"id": "d0", "sentence": "Hilton again", "mentions": "Hilton", "entities": "Hilton Hotels",
+                 "imgPath": "d0.jpg", "answer": "Q30"}],
+        "test": [
+            {"id": "t0", "sentence": "who is Paris", "mentions": "Paris", "entities": "nil", "imgPath": "",
+             "answer": "nil"},
+            {"id": "t1", "sentence": "Paris in spring", "mentions": "Paris", "entities": "Paris", "imgPath": "t1.jpg",
+             "answer": "Q10"},
+        ],
+    }
+
+
+def write_release(root, prefix="WIKIMEL", text_field="desc", mention_folder="mention_image", qid2id_indent=None,
+                  entities=None, mentions=None):
+    """A small benchmark in the release layout. Q10 and Q90 both name entity 0; entity 3 has no QID."""
+    os.makedirs(root / "kb_image")
+    os.makedirs(root / mention_folder)
+    write_json(root / "kb_entity.json", release_entities(text_field) if entities is None else entities)
+    # The release writes qid2id on one line (the authors read json.loads(f.readline())); a pretty one reads the same.
+    write_json(root / "qid2id.json", {"Q10": 0, "Q30": 1, "Q20": 2, "Q90": 0}, indent=qid2id_indent)
+    for split, records in (release_mentions() if mentions is None else mentions).items():
+        write_json(root / f"{prefix}_{split}.json", records)
+    save_image(root / "kb_image" / "hilton_0.jpg", "red")
+    save_image(root / "kb_image" / "hilton_1.png", "blue", "PNG")
+    save_image(root / "kb_image" / "paris.jpg", "green")
+    (root / "kb_image" / "broken.jpg").write_bytes(NOT_AN_IMAGE)
+    save_image(root / mention_folder / "m0.jpg", "green", "PNG")  # converted to .jpg by name only, as in the release
+    (root / mention_folder / "m4.jpg").write_bytes(NOT_AN_IMAGE)
+    save_image(root / mention_folder / "d0.jpg", "yellow")
+    save_image(root / mention_folder / "t1.jpg", "green")
+    return root
+
+
+@pytest.fixture
+def release(tmp_path):
+    return write_release(tmp_path / "bench")
+
+
+# ------------------------------------------------------------------------------------------- release layout
+
+
+@pytest.mark.parametrize("text_field", ["desc", "attr"])
+@pytest.mark.parametrize("qid2id_indent", [None, 2])
+def test_release_layout_rows_and_report(tmp_path, text_field, qid2id_indent):
+    root = write_release(tmp_path / "bench", text_field=text_field, qid2id_indent=qid2id_indent)
+    benchmark = load_mimic_benchmark(root)
+    kb, mentions = str(root / "kb_image"), str(root / "mention_image")
+    assert benchmark.name == "WikiMEL" and benchmark.layout == "mimic" and benchmark.root == str(root)
+    # Sorted by the release's integer id; ids are QIDs (the first QID of an id), or the id itself without one.
+    assert benchmark.entities.to_dict() == {
+        "id": ["Q10", "Q30", "Q20", "3"],
+        "name": ["Paris", "Hilton Hotels", "Paris%20Hilton", "Hotel"],
+        "description": ["capital of France", "hotel chain", "American media personality", "a building"],
+        "images": [[f"{kb}/paris.jpg"], [], [f"{kb}/hilton_0.jpg", f"{kb}/hilton_1.png"], [f"{kb}/broken.jpg"]],
+    }
+    assert benchmark.entity_index == {"Q10": 0, "Q30": 1, "Q20": 2, "3": 3}
+    assert list(benchmark.splits) == ["train", "dev", "test"]
+    assert benchmark.splits["train"].to_dict() == {
+        "mention": ["Paris", "Paris%20Hilton", "Hilton", "hotel"],  # raw: the processor unquotes
+        "sentence": ["Paris at night", "Paris Hilton arrives", "the Hilton lobby", "a hotel"],
+        "image": [f"{mentions}/m0.jpg", None, None, f"{mentions}/m4.jpg"],  # broken m4 kept: the processor decides
+        "answer": ["Q10", "Q20", "Q30", "Q10"],  # Q90 names entity 0, whose id is Q10
+    }
+    assert benchmark.splits["test"].to_dict() == {
+        "mention": ["Paris"], "sentence": ["Paris in spring"], "image": [f"{mentions}/t1.jpg"], "answer": ["Q10"],
+    }
+    report = benchmark.report
+    assert (report.entities, report.entities_without_images, report.missing_entity_images) == (4, 1, 1)
+    assert report.missing_entity_image_examples == [f"{kb}/gone.jpg"]
+    assert report.entities_without_qid == 1
+    counts = {split: (c.mentions, c.nil_dropped, c.without_image, c.missing_images)
+              for split, c in report.splits.items()}
+    assert counts == {"train": (4, 1, 2, 1), "dev": (1, 0, 0, 0), "test": (1, 1, 0, 0)}
+    assert report.splits["train"].missing_image_examples == [f"{mentions}/m3.jpg"]
+    assert report.splits["train"].file == str(root / "WIKIMEL_train.json")
+    summary = benchmark.summary()
+    assert "4 entities, 1 without images, 1 missing image files" in summary
+    assert "train (WIKIMEL_train.json): 4 mentions, 1 nil left out, 2 without image, 1 missing image files" in summary
+    assert "m3.jpg" in summary and "1 without a QID" in summary
+
+
+@pytest.mark.parametrize("prefix, mention_folder", [
+    ("WikiDiverse", "mention_image"),
+    ("wiki_diverse", "mention_images"),
+])
+def test_wikidiverse_file_names(tmp_path, prefix, mention_folder):
+    root = write_release(tmp_path / "bench", prefix=prefix, mention_folder=mention_folder)
+    benchmark = load_benchmark(root)
+    assert benchmark.name == "WikiDiverse"
+    assert benchmark.report.splits["dev"].file == str(root / f"{prefix}_dev.json")
+    assert benchmark.splits["train"]["image"][0] == str(root / mention_folder / "m0.jpg")
+    assert benchmark.report.splits["train"].missing_images == 1
+    assert load_benchmark(root, name="wikidiverse").name == "WikiDiverse"
+
+
+def test_without_a_mention_image_folder_every_mention_image_is_missing(release):
+    os.rename(release / "mention_image", release / "elsewhere")
+    benchmark = load_benchmark(release)
+    assert benchmark.splits["train"]["image"] == [None] * 4
+    counts = benchmark.report.splits["train"]
+    assert (counts.without_image, counts.missing_images) == (4, 3)
+    note = "no mention image folder (mention_image or mention_images): no mention has an image"
+    assert benchmark.report.notes == [note]
+    assert "note: no mention image folder" in benchmark.summary()
+
+
+def test_name_argument_and_split_subset(release):
+    os.remove(release / "WIKIMEL_train.json")
+    benchmark = load_mimic_benchmark(release, name="WIKIMEL", splits=["test"])
+    assert list(benchmark.splits) == ["test"] and benchmark.name == "WikiMEL"
+    with pytest.raises(ValueError, match="unknown benchmark 'Wikipedia'"):
+        load_mimic_benchmark(release, name="Wikipedia")
+
+
+def test_unreadable_image_is_kept_and_the_processor_zero_fills_it_with_a_warning(release):
+    benchmark = load_benchmark(release)
+    processor = tiny_processor(words=("paris", "hilton", "hotel"))
+    with pytest.warns(UserWarning, match=r"Unreadable image .*m4\.jpg"):
+        inputs = process_mention_rows(processor, benchmark.splits["train"][:])
+    assert inputs["has_image"].tolist() == [True, False, False, False]
+    assert inputs["pixel_values"][3].abs().sum() == 0 and inputs["pixel_values"][0].abs().sum() > 0
+    assert processor.num_unreadable_images == 1
+
+
+def test_answer_missing_from_qid2id(tmp_path):
+    mentions = release_mentions()
+    mentions["train"][3]["answer"] = "Q404"
+    root = write_release(tmp_path / "bench", mentions=mentions)
+    with pytest.raises(MELDataError, match=r"WIKIMEL_train\.json, record 3 \(id 'm3'\): answer 'Q404' is not in "
+                                           r"qid2id\.json"):
+        load_benchmark(root)
+
+
+def test_qid2id_id_without_entity(tmp_path):
+    root = write_release(tmp_path / "bench")
+    write_json(root / "qid2id.json", {"Q10": 0, "Q30": 1, "Q20": 2, "Q90": 7})
+    with pytest.raises(MELDataError, match=r"WIKIMEL_train\.json, record 0 \(id 'm0'\): answer 'Q90' maps to id 7 "
+                                           r"in qid2id\.json, which no entity of kb_entity\.json has"):
+        load_benchmark(root)
+
+
+def test_malformed_json_names_file_line_and_column(release):
+    text = '[\n  {"id": 0, "entity_name": "Paris",}\n]\n'
+    (release / "kb_entity.json").write_text(text)
+    column = text.splitlines()[1].index("}") + 1
+    with pytest.raises(MELDataError, match=rf"kb_entity\.json, line 2, column {column}: invalid JSON: Expecting "
+                                           "property name"):
+        load_benchmark(release)
+    (release / "qid2id.json").write_text('{"Q10": 0, "Q30" 1}')
+    with pytest.raises(MELDataError, match=r"qid2id\.json, line 1, column 18: invalid JSON: Expecting ':'"):
+        load_benchmark(release)
+
+
+@pytest.mark.parametrize("prefix, looked_for", [
+    ("WIKIMEL", "WIKIMEL_dev.json"),
+    ("WikiDiverse", "WikiDiverse_dev.json and wiki_diverse_dev.json"),
+])
+def test_missing_split_names_folder_and_files(tmp_path, prefix, looked_for):
+    root = write_release(tmp_path / "bench", prefix=prefix)
+    os.remove(root / f"{prefix}_dev.json")
+    with pytest.raises(MELDataError, match=rf"{re.escape(str(root))}: \w+ split 'dev' is missing: looked for "
+                                           rf"{re.escape(looked_for)}"):
+        load_benchmark(root)
+
+
+def test_no_or_several_datasets_need_a_name(release):
+    for split in ("train", "dev", "test"):
+        os.rename(release / f"WIKIMEL_{split}.json", release / f"other_{split}.json")
+    with pytest.raises(MELDataError, match=r"no split files; looked for WIKIMEL_\{train,dev,test\}\.json, .*name="):
+        load_benchmark(release)
+    os.rename(release / "other_test.json", release / "WIKIMEL_test.json")
+    os.rename(release / "other_dev.json", release / "RichpediaMEL_dev.json")
+    with pytest.raises(MELDataError, match=r"split files of several datasets \(WikiMEL, RichpediaMEL\)"):
+        load_benchmark(release)
+    assert list(load_benchmark(release, name="WikiMEL", splits=["test"]).splits) == ["test"]
+
+
+@pytest.mark.parametrize("where, edit, message", [
+    ("mention", lambda records: records[1].pop("imgPath"), r"WIKIMEL_train\.json, record 1 \(id 'm1'\): missing field "
+                                                           r"'imgPath'"),
+    ("mention", lambda records: records[2].update(answer=None), r"WIKIMEL_train\.json, record 2 \(id 'm2'\): field "
+                                                                r"'answer' must be a string, got null"),
+    ("entity", lambda records: records[1].pop("desc"), r"kb_entity\.json, record 1 \(id 0\): needs a string field "
+                                                       r"'desc' \(or 'attr'\)"),
+    ("entity", lambda records: records[2].pop("entity_name"), r"kb_entity\.json, record 2 \(id 1\): missing field "
+                                                              r"'entity_name'"),
+    ("entity", lambda records: records[0].update(id="2"), r"kb_entity\.json, record 0 \(id '2'\): field 'id' must be "
+                                                          r"an integer"),
+    ("entity", lambda records: records[3].update(id=0), r"kb_entity\.json, record 3 \(id 0\): id 0 is also the id of "
+                                                        r"record 1"),
+    ("entity", lambda records: records[3].update(type="mention"), r"kb_entity\.json, record 3 \(id 3\): type "
+                                                                  r"'mention' is not 'entity'"),
+])
+def test_record_errors_name_file_record_and_field(tmp_path, where, edit, message):
+    entities, mentions = release_entities(), release_mentions()
+    edit(mentions["train"] if where == "mention" else entities)
+    root = write_release(tmp_path / "bench", entities=entities, mentions=mentions)
+    with pytest.raises(MELDataError, match=message):
+        load_benchmark(root)
+
+
+def test_folder_without_either_layout(tmp_path):
+    with pytest.raises(MELDataError, match=r"no entities\.jsonl \(JSON Lines layout\) and no kb_entity\.json "
+                                           r"\(release layout\)"):
+        load_benchmark(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ JSON Lines
+
+
+def write_lines(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+
+
+def write_jsonl(root, entities=None, train=None):
+    os.makedirs(root / "images")
+    save_image(root / "images" / "tower.jpg", "red")
+    save_image(root / "images" / "post.png", "blue", "PNG")
+    (root / "images" / "broken.jpg").write_bytes(NOT_AN_IMAGE)
+    write_lines(root / "entities.jsonl", entities or [
+        {"id": "eiffel", "name": "Eiffel Tower", "description": "a tower", "images": ["images/tower.jpg"]},
+        "",
+        {"id": "paris", "name": "Paris", "description": "a city", "images": ["images/none.jpg", "images/broken.jpg"]},
+        {"id": "hilton", "name": "Paris Hilton", "description": "a person"},
+    ])
+    write_lines(root / "train.jsonl", train or [
+        {"mention": "tower", "sentence": "the tower at night", "image": "images/post.png", "answer": "eiffel"},
+        {"mention": "Paris", "sentence": "Paris is", "image": None, "answer": None},
+        {"mention": "Paris", "sentence": "in Paris", "answer": "paris"},
+        {"mention": "Hilton", "sentence": "Hilton said", "image": "images/lost.jpg", "answer": "hilton"},
+    ])
+    write_lines(root / "test.jsonl", [{"mention": "Paris", "sentence": "Paris", "image": None, "answer": "paris"}])
+    return root
+
+
+def test_jsonl_rows_and_report(tmp_path):
+    root = write_jsonl(tmp_path / "my_kb")
+    benchmark = load_benchmark(root)
+    assert benchmark.name == "my_kb" and benchmark.layout == "jsonl"
+    assert benchmark.entities.to_dict() == {
+        "id": ["eiffel", "paris", "hilton"],
+        "name": ["Eiffel Tower", "Paris", "Paris Hilton"],
+        "description": ["a tower", "a city", "a person"],
+        "images": [[str(root / "images/tower.jpg")], [str(root / "images/broken.jpg")], []],
+    }
+    assert list(benchmark.splits) == ["train", "test"]  # train, dev, test first, in that order
+    assert benchmark.splits["train"].to_dict() == {
+        "mention": ["tower", "Paris", "Hilton"],
+        "sentence": ["the tower at night", "in Paris", "Hilton said"],
+        "image": [str(root / "images/post.png"), None, None],
+        "answer": ["eiffel", "paris", "hilton"],
+    }
+    report = benchmark.report
+    assert (report.entities, report.entities_without_images, report.missing_entity_images) == (3, 1, 1)
+    assert report.missing_entity_image_examples == [str(root / "images/none.jpg")]
+    train = report.splits["train"]
+    assert (train.mentions, train.nil_dropped, train.without_image, train.missing_images) == (3, 1, 2, 1)
+    assert train.missing_image_examples == [str(root / "images/lost.jpg")]
+    assert list(load_jsonl_benchmark(root, splits=["test"], name="mine").splits) == ["test"]
+
+
+@pytest.mark.parametrize("file, lines, message", [
+    ("entities", ['{"id": "a", "name": "A", "description": "x"}', "", '{"id": "b", "name": }'],
+     r"entities\.jsonl, line 3, column 21: invalid JSON: Expecting value"),
+    ("entities", [{"id": 5, "name": "A", "description": "x"}],
+     r"entities\.jsonl, line 1 \(id 5\): field 'id' must be a string, got 5"),
+    ("entities", [{"id": "a", "name": "A"}], r"entities\.jsonl, line 1 \(id 'a'\): missing field 'description'"),
+    ("entities", [{"id": "a", "name": "A", "description": "x"}, {"id": "a", "name": "B", "description": "y"}],
+     r"entities\.jsonl, line 2: id 'a' is also the id on line 1"),
+    ("entities", [["a", "A"]], r"entities\.jsonl, line 1: must be a JSON object, got list"),
+    ("train", [{"mention": "a", "sentence": "s", "answer": "eiffel"}, {"mention": "a", "sentence": "s", "answer": "x"}],
+     r"train\.jsonl, line 2: answer 'x' is not an entity id of entities\.jsonl"),
+    ("train", [{"mention": "a", "answer": "eiffel"}], r"train\.jsonl, line 1: missing field 'sentence'"),
+    ("train", [{"mention": "a", "sentence": "s"}], r"train\.jsonl, line 1: missing field 'answer'"),
+    ("train", [{"mention": "a", "sentence": "s", "answer": "eiffel", "image": 3}],
+     r"train\.jsonl, line 1: field 'image' must be a string or null, got 3"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, file, lines, message):
+    root = write_jsonl(tmp_path / "kb", **{file: lines})
+    with pytest.raises(MELDataError, match=message):
+        load_benchmark(root)
+
+
+def test_jsonl_missing_split(tmp_path):
+    root = write_jsonl(tmp_path / "kb")
+    with pytest.raises(MELDataError, match=rf"{re.escape(str(root))}: split 'dev' is missing: looked for dev\.jsonl"):
+        load_benchmark(root, splits=["train", "dev"])
+    os.remove(root / "train.jsonl")
+    os.remove(root / "test.jsonl")
+    with pytest.raises(MELDataError, match=r"no split files"):
+        load_benchmark(root)
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+def test_entity_image_first_in_evaluation_random_in_training():
+    images = ["a.jpg", "b.jpg", "c.jpg"]
+    assert entity_image(images, training=False) == "a.jpg"
+    assert entity_image([], training=True) is None
+    draws = [entity_image(images, True, torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert set(draws) == set(images)
+    generator = torch.Generator().manual_seed(3)
+    first = [entity_image(images, True, generator) for _ in range(10)]
+    generator.manual_seed(3)
+    assert [entity_image(images, True, generator) for _ in range(10)] == first
+
+
+def test_training_batch_is_aligned_and_ready_for_the_model(release):
+    benchmark = load_benchmark(release)
+    processor = tiny_processor(words=("paris", "hilton", "hotel"))
+    mentions = benchmark.splits["test"][:]
+    gold = benchmark.entities[[benchmark.entity_index[answer] for answer in mentions["answer"]]]
+    batch = process_training_batch(processor, mentions, gold, generator=torch.Generator().manual_seed(0))
+    assert sorted(batch) == sorted(["input_ids", "attention_mask", "pixel_values", "has_image", "entity_input_ids",
+                                    "entity_attention_mask", "entity_pixel_values", "entity_has_image"])
+    assert batch["input_ids"].shape == batch["entity_input_ids"].shape == (1, 40)
+    assert batch["entity_pixel_values"].shape == (1, 3, 32, 32) and batch["entity_has_image"].tolist() == [True]
+    expected = processor.process_entities("Paris", "capital of France", str(release / "kb_image" / "paris.jpg"))
+    torch.testing.assert_close(batch["entity_pixel_values"], expected["pixel_values"])
+    # A list of row dicts (what a DataLoader hands its collate_fn) gives the same batch.
+    rows = [benchmark.splits["test"][0]]
+    entity_rows = [benchmark.entities[benchmark.entity_index[rows[0]["answer"]]]]
+    again = process_training_batch(processor, rows, entity_rows)
+    torch.testing.assert_close(again["input_ids"], batch["input_ids"])
+    # Evaluation encodes every entity with its first image.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # broken.jpg
+        entities = process_entity_rows(processor, benchmark.entities[:], training=False)
+    assert entities["has_image"].tolist() == [True, False, True, False]
+    hilton_first = processor.process_entities("x", "y", str(release / "kb_image" / "hilton_0.jpg"))["pixel_values"]
+    torch.testing.assert_close(entities["pixel_values"][2:3], hilton_first)
+    with pytest.raises(ValueError, match="got 1 mentions but 2 gold entities"):
+        process_training_batch(processor, rows, entity_rows * 2)
+
+
+# --------------------------------------------------------------------------------------------------- sampler
+
+
+def check_epoch(sampler, answers, batch_size):
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert all(len({answers[i] for i in batch}) == len(batch) for batch in batches)  # no duplicate gold
+    assert sorted(i for batch in batches for i in batch) == list(range(len(answers)))  # each mention exactly once
+    sizes = [len(batch) for batch in batches]
+    assert max(sizes) <= batch_size and sizes == sorted(sizes, reverse=True)  # short batches only at the end
+    return batches
+
+
+def test_sampler_unique_golds_every_mention_once_deterministic():
+    answers = [f"Q{g}" for g in np.random.default_rng(0).zipf(1.6, size=300) % 40]
+    assert max(Counter(answers).values()) > 30
+    sampler = UniqueGoldBatchSampler(answers, batch_size=16, seed=7)
+    epochs = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        epochs.append(check_epoch(sampler, answers, 16))
+        again = UniqueGoldBatchSampler(answers, batch_size=16, seed=7)
+        again.set_epoch(epoch)
+        assert list(again) == epochs[-1]
+    assert all(epochs[0] != other for other in epochs[1:])
+    other_seed = UniqueGoldBatchSampler(answers, batch_size=16, seed=8)
+    assert list(other_seed) != epochs[0]
+
+
+def test_sampler_places_every_mention_under_heavy_duplication():
+    answers = ["hot"] * 50 + [f"Q{i}" for i in range(50)]
+    sampler = UniqueGoldBatchSampler(answers, batch_size=8, seed=0)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = check_epoch(sampler, answers, 8)
+        assert len(batches) >= 50  # one "hot" per batch at most
+        assert sum("hot" in [answers[i] for i in batch] for batch in batches) == 50
+
+
+def test_sampler_drop_last_keeps_only_full_batches():
+    answers = ["hot"] * 20 + [f"Q{i}" for i in range(45)]
+    sampler = UniqueGoldBatchSampler(answers, batch_size=8, seed=1, drop_last=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) > 0
+    assert all(len(batch) == 8 and len({answers[i] for i in batch}) == 8 for batch in batches)
+    full = [batch for batch in UniqueGoldBatchSampler(answers, batch_size=8, seed=1) if len(batch) == 8]
+    assert batches == full
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        UniqueGoldBatchSampler(answers, batch_size=0)
+
+
+def test_sampler_drives_a_dataloader(release):
+    benchmark = load_benchmark(release)
+    train = benchmark.splits["train"]
+    processor = tiny_processor(words=("paris", "hilton", "hotel"))
+    sampler = UniqueGoldBatchSampler(train["answer"], batch_size=3, seed=0)
+
+    def collate(rows):
+        gold = [benchmark.entities[benchmark.entity_index[row["answer"]]] for row in rows]
+        return process_training_batch(processor, rows, gold)
+
+    loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # m4.jpg is unreadable
+        sizes = [len(batch["input_ids"]) for batch in loader]
+    assert sizes == [3, 1]  # m0 and m4 share the gold Q10

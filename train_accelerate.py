@@ -1,0 +1,556 @@
+"""Train, evaluate and export M3EL with Accelerate: `accelerate launch train_accelerate.py [--config configs/X.yaml]`.
+
+With no arguments it trains a tiny M3EL on the built-in demo benchmark (generated on first use), on CPU or GPU, in
+a few minutes. The configs in `configs/` carry the published recipe (SPEC section 5) for WikiMEL, RichpediaMEL and
+WikiDiverse; any config field can be overridden on the command line (`--learning_rate 2e-5`).
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from modeling_m3el import M3ELModel, M3ELProcessor
+from modeling_m3el.data import UniqueGoldBatchSampler, load_benchmark, process_training_batch
+from modeling_m3el.evaluation import gold_ranks, index_rows, ranking_metrics
+from modeling_m3el.index_m3el import EntityIndex
+
+logger = logging.getLogger("m3el.train")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+
+
+@dataclass
+class TrainingConfig:
+    # data
+    dataset_dir: str | None = None  # benchmark or JSON Lines folder; None: the built-in demo, written to demo_dir
+    demo_dir: str = "m3el-demo-data"
+    demo_seed: int = 0
+    # model
+    clip: str | None = None  # CLIP to start from (Hub id or folder); None: a tiny CLIP built from code (the demo)
+    init_from: str | None = None  # a saved M3EL folder to fine-tune instead of starting from CLIP
+    cross_modal: str = "text_to_image"  # text_to_image: WikiMEL, RichpediaMEL; bidirectional: WikiDiverse
+    matching_dim: int = 96
+    use_text_matching: bool = True
+    use_image_matching: bool = True
+    use_cross_modal_matching: bool = True
+    use_icl: bool = True
+    tiny_hidden_size: int = 32  # demo backbone width
+    tiny_image_size: int = 32  # demo image size
+    # LoRA on CLIP's attention (the matching network stays fully trained); merged into CLIP on export
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    # optimisation: the recipe of SPEC 5
+    seed: int = 43
+    num_epochs: int = 20
+    per_device_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-4
+    weight_decay: float = 1e-4  # 0 on biases and LayerNorms
+    max_train_steps: int | None = None  # stop after this many optimiser steps (smoke runs)
+    # evaluation
+    eval_every_epochs: int = 2
+    early_stopping_patience: int = 3  # evaluations without a better dev MRR before stopping
+    eval_batch_size: int = 64
+    entity_batch_size: int = 256
+    num_workers: int = 0
+    # output
+    output_dir: str = "m3el-demo"
+    checkpointing_steps: int | None = None  # also checkpoint every N optimiser steps, not only every epoch
+    checkpoints_total_limit: int = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    report_to: str | None = None  # an Accelerate tracker ("tensorboard", "wandb", ...); a JSON Lines log always
+
+
+def parse_args(argv=None) -> TrainingConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML file of TrainingConfig fields")
+    for spec in dataclasses.fields(TrainingConfig):
+        base = next((a for a in typing.get_args(spec.type) if a is not type(None)), spec.type)
+        if typing.get_origin(base) is list:
+            parser.add_argument(f"--{spec.name}", nargs="+", default=argparse.SUPPRESS)
+        else:
+            kind = {bool: _parse_bool, int: int, float: float, str: str}[base]
+            parser.add_argument(f"--{spec.name}", type=_none_or(kind), default=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    values = {}
+    config_path = args.pop("config")
+    if config_path:
+        with open(config_path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+        unknown = set(values) - {spec.name for spec in dataclasses.fields(TrainingConfig)}
+        if unknown:
+            parser.error(f"{config_path}: unknown fields {', '.join(sorted(unknown))}")
+    values.update(args)
+    config = TrainingConfig(**values)
+    # Sanity checks.
+    if config.cross_modal not in ("text_to_image", "bidirectional"):
+        parser.error(f"--cross_modal must be text_to_image or bidirectional, got {config.cross_modal!r}")
+    for name in ("num_epochs", "per_device_batch_size", "gradient_accumulation_steps", "eval_every_epochs",
+                 "eval_batch_size", "entity_batch_size"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if config.per_device_batch_size < 2:
+        parser.error("--per_device_batch_size must be at least 2: the loss uses in-batch negatives")
+    if config.dataset_dir is not None and not os.path.isdir(config.dataset_dir):
+        parser.error(f"--dataset_dir {config.dataset_dir} is not a folder")
+    if config.clip is not None and config.init_from is not None:
+        parser.error("give --clip (start from CLIP) or --init_from (fine-tune an M3EL folder), not both")
+    return config
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _none_or(kind):
+    def parse(text):
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    return parse
+
+
+# ------------------------------------------------------------------------------------------------ model setup
+
+
+def build_model_and_processor(config: TrainingConfig):
+    overrides = dict(
+        cross_modal=config.cross_modal,
+        matching_dim=config.matching_dim,
+        use_text_matching=config.use_text_matching,
+        use_image_matching=config.use_image_matching,
+        use_cross_modal_matching=config.use_cross_modal_matching,
+        use_icl=config.use_icl,
+    )
+    if config.init_from is not None:
+        model = M3ELModel.from_pretrained(config.init_from, dtype=torch.float32)
+        return model, M3ELProcessor.from_pretrained(config.init_from)
+    if config.clip is None:  # the demo: a tiny CLIP and a tokenizer built from code
+        from modeling_m3el.demo import demo_processor
+        from modeling_m3el.tiny import tiny_clip_config
+
+        processor = demo_processor(image_size=config.tiny_image_size)
+        clip_config = tiny_clip_config(
+            processor.tokenizer, image_size=config.tiny_image_size, hidden=config.tiny_hidden_size
+        )
+        from modeling_m3el import M3ELConfig
+
+        return M3ELModel(M3ELConfig(clip_config=clip_config, **overrides)), processor
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    model = M3ELModel.from_clip(config.clip, **overrides)
+    tokenizer = CLIPTokenizer.from_pretrained(config.clip)
+    if len(tokenizer) < 1000:  # transformers builds an almost empty tokenizer from a folder without tokenizer files
+        raise ValueError(f"{config.clip} provides no usable CLIP tokenizer ({len(tokenizer)} tokens)")
+    return model, M3ELProcessor(CLIPImageProcessor.from_pretrained(config.clip), tokenizer)
+
+
+def apply_lora(model: M3ELModel, config: TrainingConfig) -> None:
+    """LoRA adapters on CLIP's attention projections; CLIP's own weights frozen, the matching network trained."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+    )
+    model.clip = get_peft_model(model.clip, lora)
+
+
+def merge_lora(model: M3ELModel) -> M3ELModel:
+    from peft import PeftModel
+
+    if isinstance(model.clip, PeftModel):
+        model.clip = model.clip.merge_and_unload()
+    return model
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float):
+    """AdamW groups of the recipe: weight decay on weights, none on biases and LayerNorm parameters."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_norm = "norm" in name.lower() or "layer_norm" in name
+        (no_decay if name.endswith(".bias") or is_norm else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------------- batches
+
+
+class ProcessShare(torch.utils.data.Sampler):
+    """This process's slice of every global batch of a batch sampler, from the `skip`-th batch on (resume)."""
+
+    def __init__(self, batch_sampler, rank: int, world: int, per_device: int):
+        self.batch_sampler, self.rank, self.world, self.per_device = batch_sampler, rank, world, per_device
+        self.skip = 0
+
+    def __iter__(self):
+        for number, batch in enumerate(self.batch_sampler):
+            if number >= self.skip:
+                yield batch[self.rank * self.per_device : (self.rank + 1) * self.per_device]
+
+    def __len__(self):
+        return len(self.batch_sampler) - self.skip
+
+
+class TrainingCollator:
+    """Mention rows and their gold entities -> an aligned batch; the entity image draw is seeded per batch."""
+
+    def __init__(self, processor, mentions, entities, entity_row, seed: int):
+        self.processor, self.mentions, self.entities, self.entity_row = processor, mentions, entities, entity_row
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, indices):
+        rows = self.mentions[indices]
+        gold = self.entities[[self.entity_row[answer] for answer in rows["answer"]]]
+        seed = np.random.SeedSequence([self.seed, self.epoch, *indices]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(seed))
+        return process_training_batch(self.processor, rows, gold, generator=generator)
+
+
+class IdentityDataset(torch.utils.data.Dataset):
+    """A dataset whose items are their indices: the collator fetches rows in one batched read."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return index
+
+
+# ------------------------------------------------------------------------------------------ training state
+
+
+@dataclass
+class TrainingState:
+    """What resuming needs beyond model, optimizer and RNG states (Accelerate checkpoints those)."""
+
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # batches of `epoch` already done
+    global_step: int = 0
+    best_mrr: float = -1.0
+    best_epoch: int = -1
+    evaluations_without_improvement: int = 0
+    history: list = field(default_factory=list)
+
+    def state_dict(self):
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    folder = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    names = [n for n in os.listdir(folder) if n.startswith("step_") and n[5:].isdigit()]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[5:]))]
+
+
+def save_checkpoint(accelerator, config: TrainingConfig, state: TrainingState) -> None:
+    """Atomic: written to a temporary folder, then renamed; a crash never leaves a half checkpoint as `latest`."""
+    final = os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step:08d}")
+    temporary = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(temporary):
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temporary)
+    if accelerator.is_main_process:
+        with open(os.path.join(temporary, "training_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        for old in checkpoint_dirs(config.output_dir)[: -config.checkpoints_total_limit]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_model_folder(model: M3ELModel, processor, folder: str, extra_files: dict | None = None) -> None:
+    """save_pretrained into a temporary sibling, then rename over `folder`: readers never see half a model."""
+    temporary = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    processor.save_pretrained(temporary)
+    for name, content in (extra_files or {}).items():
+        with open(os.path.join(temporary, name), "w") as f:
+            f.write(content)
+    backup = folder.rstrip("/") + ".old"
+    shutil.rmtree(backup, ignore_errors=True)
+    if os.path.exists(folder):
+        os.replace(folder, backup)
+    os.replace(temporary, folder)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_split(accelerator, model, processor, benchmark, split: str, config: TrainingConfig) -> dict:
+    model.eval()
+    entities = index_rows(benchmark.entities)
+    with accelerator.autocast():
+        index = EntityIndex.build(
+            model, processor, entities, batch_size=config.entity_batch_size,
+            progress=accelerator.is_local_main_process, accelerator=accelerator,
+        )
+        ranks = gold_ranks(
+            model, processor, index, benchmark.splits[split], batch_size=config.eval_batch_size,
+            accelerator=accelerator, progress=accelerator.is_local_main_process, description=f"Ranking {split}",
+        )
+    metrics = ranking_metrics(ranks)
+    model.train()
+    return metrics
+
+
+def log_metrics(accelerator, config: TrainingConfig, metrics: dict, step: int) -> None:
+    if config.report_to:
+        accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        with open(os.path.join(config.output_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def model_card(config: TrainingConfig, benchmark, results: dict, model: M3ELModel) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = config.clip or ("tiny CLIP built from code (demo)" if config.init_from is None else config.init_from)
+    data = ModelCardData(
+        library_name="transformers", license="apache-2.0", tags=["multimodal-entity-linking", "m3el", "custom_code"],
+        base_model=config.clip if config.clip else None,
+    )
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in results.items() if k != "count")
+    content = f"""---
+{data.to_yaml()}
+---
+
+# M3EL entity linker ({benchmark.name})
+
+M3EL (Multi-level Matching Network for Multimodal Entity Linking, KDD 2025, arXiv 2412.10440), trained with
+`train_accelerate.py` from **{base}**, cross-modal mode `{model.config.cross_modal}`, on {benchmark.name}.
+
+## Test results ({results.get('count', 0)} mentions, ranked against all {len(benchmark.entities)} entities)
+
+| metric | value |
+|---|---|
+{rows}
+
+## Usage
+
+```python
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
+```
+
+## Training configuration
+
+```json
+{json.dumps(dataclasses.asdict(config), indent=1)}
+```
+"""
+    return str(ModelCard(content))
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    config = parse_args(argv)
+
+    # 1. Accelerator, logging, seed (offset by rank only where randomness must differ: nowhere here, since every
+    #    process draws the same global batches and takes its share).
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=config.report_to,
+        project_dir=config.output_dir,
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(config.seed)
+    os.makedirs(config.output_dir, exist_ok=True)
+
+    # 2. Data: the demo is generated once (main process first), then every process loads the same folder.
+    with accelerator.main_process_first():
+        dataset_dir = config.dataset_dir
+        if dataset_dir is None:
+            from modeling_m3el.demo import write_demo_benchmark
+
+            dataset_dir = write_demo_benchmark(config.demo_dir, seed=config.demo_seed)
+        benchmark = load_benchmark(dataset_dir)
+        if config.dataset_dir is None:
+            benchmark.name = "m3el-demo"  # written with WikiMEL's file names, so that the same loader reads it
+    logger.info(benchmark.summary())
+    for split in ("train", "dev", "test"):
+        if split not in benchmark.splits or len(benchmark.splits[split]) == 0:
+            raise ValueError(f"{dataset_dir}: the {split} split is missing or empty")
+
+    # 3. Model, processor, optimizer.
+    model, processor = build_model_and_processor(config)
+    if config.lora:
+        apply_lora(model, config)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, config.weight_decay), lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # 4. Batches: global batches of distinct gold entities, each process taking its share of every one.
+    world, per_device = accelerator.num_processes, config.per_device_batch_size
+    train = benchmark.splits["train"]
+    global_batch = per_device * world
+    if len(train) < global_batch:
+        raise ValueError(f"{len(train)} training mentions cannot fill one batch of {global_batch}")
+    batch_sampler = UniqueGoldBatchSampler(train["answer"], global_batch, seed=config.seed, drop_last=True)
+    share = ProcessShare(batch_sampler, accelerator.process_index, world, per_device)
+    collator = TrainingCollator(processor, train, benchmark.entities, benchmark.entity_index, config.seed)
+    loader = torch.utils.data.DataLoader(
+        IdentityDataset(len(train)), batch_sampler=share, collate_fn=collator, num_workers=config.num_workers
+    )
+    steps_per_epoch = math.ceil(len(batch_sampler) / config.gradient_accumulation_steps)
+
+    state = TrainingState()
+    accelerator.register_for_checkpointing(state)
+    if config.report_to:
+        accelerator.init_trackers("m3el", config=dataclasses.asdict(config))
+
+    # 5. Resume.
+    if config.resume_from_checkpoint:
+        path = config.resume_from_checkpoint
+        if path == "latest":
+            found = checkpoint_dirs(config.output_dir)
+            path = found[-1] if found else None
+        if path is None:
+            logger.info("No checkpoint in %s: starting from scratch", config.output_dir)
+        else:
+            accelerator.load_state(path)
+            logger.info("Resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.step_in_epoch,
+                        state.global_step)
+
+    # 6. Banner.
+    effective = per_device * world * config.gradient_accumulation_steps
+    logger.info("***** Training M3EL *****")
+    logger.info("  dataset: %s, %d train mentions, %d entities", benchmark.name, len(train), len(benchmark.entities))
+    logger.info("  processes: %d, batch per device: %d, accumulation: %d -> effective batch %d (in-batch negatives "
+                "per mention: %d)", world, per_device, config.gradient_accumulation_steps, effective, global_batch - 1)
+    logger.info("  epochs: %d, optimiser steps per epoch: %d, mixed precision: %s, LoRA: %s", config.num_epochs,
+                steps_per_epoch, accelerator.mixed_precision, config.lora)
+
+    # 7. Train, evaluating on dev every few epochs, keeping the best model by dev MRR.
+    best_dir = os.path.join(config.output_dir, "best_model")
+    stop = False
+    progress = tqdm(total=config.num_epochs * steps_per_epoch, initial=state.global_step, desc="Training",
+                    disable=not accelerator.is_local_main_process)
+    model.train()
+    while state.epoch < config.num_epochs and not stop:
+        batch_sampler.set_epoch(state.epoch)
+        collator.epoch = state.epoch
+        share.skip = state.step_in_epoch
+        running, count, started = 0.0, 0, time.time()
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(model):
+                output = model(**batch, return_loss=True, gather_negatives=True)
+                accelerator.backward(output.loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            state.step_in_epoch += 1
+            running, count = running + output.loss.detach().float().item(), count + 1
+            if accelerator.sync_gradients:
+                state.global_step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{running / count:.4f}")
+                if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, config, state)
+                if config.max_train_steps and state.global_step >= config.max_train_steps:
+                    stop = True
+                    break
+        epoch_loss = accelerator.reduce(torch.tensor(running / max(count, 1), device=accelerator.device), "mean")
+        log_metrics(accelerator, config, {"train/loss": epoch_loss.item(), "train/epoch": state.epoch,
+                                          "train/seconds": time.time() - started}, state.global_step)
+        finished_epoch = state.epoch
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if (finished_epoch + 1) % config.eval_every_epochs == 0 or state.epoch == config.num_epochs or stop:
+            metrics = evaluate_split(accelerator, unwrapped, processor, benchmark, "dev", config)
+            log_metrics(accelerator, config, {f"val/{k}": v for k, v in metrics.items()}, state.global_step)
+            logger.info("epoch %d: dev %s", finished_epoch, _format(metrics))
+            state.history.append({"epoch": finished_epoch, "step": state.global_step, **metrics})
+            if metrics["mrr"] > state.best_mrr:
+                state.best_mrr, state.best_epoch, state.evaluations_without_improvement = metrics["mrr"], finished_epoch, 0
+                if accelerator.is_main_process:
+                    save_model_folder(merge_lora_copy(unwrapped, config), processor, best_dir)
+            else:
+                state.evaluations_without_improvement += 1
+                if state.evaluations_without_improvement >= config.early_stopping_patience:
+                    logger.info("No better dev MRR in %d evaluations: stopping", config.early_stopping_patience)
+                    stop = True
+        save_checkpoint(accelerator, config, state)
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    # 8. Test the best model, export it with its processor, code, card and results.
+    best = M3ELModel.from_pretrained(best_dir, dtype=torch.float32).to(accelerator.device)
+    results = evaluate_split(accelerator, best, processor, benchmark, "test", config)
+    log_metrics(accelerator, config, {f"test/{k}": v for k, v in results.items()}, state.global_step)
+    if accelerator.is_main_process:
+        final = os.path.join(config.output_dir, "model")
+        files = {
+            "test_results.json": json.dumps({**results, "best_epoch": state.best_epoch}, indent=1),
+            "training_config.json": json.dumps(dataclasses.asdict(config), indent=1),
+            "README.md": model_card(config, benchmark, results, best),
+        }
+        save_model_folder(best, processor, final, extra_files=files)
+        with open(os.path.join(config.output_dir, "test_results.json"), "w") as f:
+            f.write(files["test_results.json"])
+        print(f"Test ({results['count']} mentions vs {len(benchmark.entities)} entities): {_format(results)}")
+        print(f"Model, processor, code, card and test_results.json in {final}")
+    accelerator.end_training()
+    return results
+
+
+def merge_lora_copy(model: M3ELModel, config: TrainingConfig) -> M3ELModel:
+    """The model as it will be published: LoRA merged into CLIP (on a copy, training goes on with adapters)."""
+    if not config.lora:
+        return model
+    import copy
+
+    return merge_lora(copy.deepcopy(model))
+
+
+def _format(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+if __name__ == "__main__":
+    main()
