@@ -217,7 +217,8 @@ class ProcessShare(torch.utils.data.Sampler):
 
 
 class TrainingCollator:
-    """Mention rows and their gold entities -> an aligned batch; the entity image draw is seeded per batch."""
+    """Mention rows and their gold entities -> an aligned batch. Each gold entity's image draw is seeded by
+    (seed, epoch, mention), so it does not depend on how a global batch is split across processes."""
 
     def __init__(self, processor, mentions, entities, entity_row, seed: int):
         self.processor, self.mentions, self.entities, self.entity_row = processor, mentions, entities, entity_row
@@ -227,9 +228,8 @@ class TrainingCollator:
     def __call__(self, indices):
         rows = self.mentions[indices]
         gold = self.entities[[self.entity_row[answer] for answer in rows["answer"]]]
-        seed = np.random.SeedSequence([self.seed, self.epoch, *indices]).generate_state(1)[0]
-        generator = torch.Generator().manual_seed(int(seed))
-        return process_training_batch(self.processor, rows, gold, generator=generator)
+        seeds = [np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0] for i in indices]
+        return process_training_batch(self.processor, rows, gold, seeds=seeds)
 
 
 class IdentityDataset(torch.utils.data.Dataset):

@@ -485,22 +485,33 @@ def process_mention_rows(processor, rows) -> BatchFeature:
     return processor.process_mentions(rows["mention"], rows["sentence"], rows["image"])
 
 
-def process_entity_rows(processor, rows, *, training: bool, generator: torch.Generator | None = None) -> BatchFeature:
-    """Entity rows -> `processor.process_entities` inputs, one image each (`entity_image`)."""
+def process_entity_rows(processor, rows, *, training: bool, generator: torch.Generator | None = None,
+                        seeds: Sequence[int] | None = None) -> BatchFeature:
+    """
+    Entity rows -> `processor.process_entities` inputs, one image each (`entity_image`). In training, `seeds` (one
+    per row) draw each row's image with its own generator, so a row's draw does not depend on the other rows of the
+    batch (the same mention gets the same image however the batch is split across processes).
+    """
     rows = _columns(rows, ("name", "description", "images"))
-    images = [entity_image(paths, training, generator) for paths in rows["images"]]
+    if seeds is not None:
+        if len(seeds) != len(rows["images"]):
+            raise ValueError(f"got {len(seeds)} seeds for {len(rows['images'])} entities")
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    else:
+        generators = [generator] * len(rows["images"])
+    images = [entity_image(paths, training, g) for paths, g in zip(rows["images"], generators)]
     return processor.process_entities(rows["name"], rows["description"], images)
 
 
-def process_training_batch(processor, mention_rows, gold_entity_rows, generator: torch.Generator | None = None
-                           ) -> BatchFeature:
+def process_training_batch(processor, mention_rows, gold_entity_rows, generator: torch.Generator | None = None,
+                           seeds: Sequence[int] | None = None) -> BatchFeature:
     """
     An aligned training batch (entity `i` is the gold entity of mention `i`) for `M3ELModel(**batch, return_loss=True)`:
     mention keys, and entity keys prefixed with `entity_`; each entity shows a random one of its images.
-    `generator=None` draws from torch's global generator.
+    `generator=None` draws from torch's global generator; `seeds` (one per row) seed each row's draw instead.
     """
     mentions = process_mention_rows(processor, mention_rows)
-    entities = process_entity_rows(processor, gold_entity_rows, training=True, generator=generator)
+    entities = process_entity_rows(processor, gold_entity_rows, training=True, generator=generator, seeds=seeds)
     if len(entities["input_ids"]) != len(mentions["input_ids"]):
         raise ValueError(f"got {len(mentions['input_ids'])} mentions but {len(entities['input_ids'])} gold entities")
     return BatchFeature({**mentions, **{f"entity_{key}": value for key, value in entities.items()}})

@@ -1,0 +1,120 @@
+"""train_accelerate.py end to end on a small demo: the output folder, 2 processes = 1 process with the doubled batch,
+and a run killed at any point resumes to the same weights and metrics as an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_m3el.demo import write_demo_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "train_accelerate.py"
+SMALL = ["--per_device_batch_size", "16", "--eval_batch_size", "64", "--adam_epsilon", "1e-4"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_benchmark(tmp_path_factory.mktemp("demo"), seed=3, train=200, dev=40, test=40)
+
+
+def launch(args, processes=1, wait=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--num_processes", str(processes)]
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        command.append("--multi_gpu")
+    command += [str(SCRIPT), *args]
+    if not wait:  # its own process group, so that a kill reaches the launcher's workers too
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def test_demo_run_writes_a_complete_model_folder(demo, tmp_path):
+    out = tmp_path / "run"
+    result = launch(["--dataset_dir", demo, "--output_dir", str(out), "--num_epochs", "2", "--eval_every_epochs", "1",
+                     *SMALL])
+    from modeling_m3el.data import load_benchmark
+
+    test_mentions = len(load_benchmark(demo, splits=["test"]).splits["test"])  # 40 less the nil answers
+    assert f"Test ({test_mentions} mentions vs 160 entities): mr" in result.stdout
+    model = out / "model"
+    files = {p.name for p in model.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_m3el.py", "configuration_m3el.py", "processing_m3el.py",
+            "processor_config.json", "tokenizer.json", "README.md", "test_results.json", "training_config.json"} <= files
+    results = json.loads((model / "test_results.json").read_text())
+    assert set(results) >= {"mr", "mrr", "hits@1", "hits@3", "hits@5", "hits@10", "hits@20"}
+    assert results["count"] == test_mentions
+    assert 1 <= results["mr"] <= 160 and 0 < results["mrr"] <= 1
+    assert results["hits@1"] <= results["hits@3"] <= results["hits@20"] <= 1
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("train/loss" in row for row in logged) and any("val/mrr" in row for row in logged)
+    assert any("test/mrr" in row for row in logged)
+    assert json.loads((model / "training_config.json").read_text())["num_epochs"] == 2
+    # The resolved config travels with every checkpoint too.
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints and all((c / "training_config.json").exists() for c in checkpoints)
+    assert "m3el-demo" in (model / "README.md").read_text()
+
+
+def _checkpoint_weights(out: Path, step: int) -> dict:
+    return load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def test_two_processes_train_like_one_with_the_doubled_batch(demo, tmp_path):
+    common = ["--dataset_dir", demo, "--num_epochs", "1", "--max_train_steps", "3", "--eval_batch_size", "64",
+              "--adam_epsilon", "1e-4"]
+    launch([*common, "--output_dir", str(tmp_path / "one"), "--per_device_batch_size", "16"], processes=1)
+    launch([*common, "--output_dir", str(tmp_path / "two"), "--per_device_batch_size", "8"], processes=2)
+    one, two = _checkpoint_weights(tmp_path / "one", 3), _checkpoint_weights(tmp_path / "two", 3)
+    assert one.keys() == two.keys()
+    for name, tensor in one.items():
+        if name.endswith("k_proj.bias"):  # CLIP initialises them at 0
+            # The true gradient of a key bias is 0 (softmax ignores a shift shared by all keys): both runs move it
+            # by rounding noise only, differently. It must stay at noise level.
+            assert tensor.abs().max() < 1e-4 and two[name].abs().max() < 1e-4, name
+            continue
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=2e-6, msg=name)
+    loss = {}
+    for run in ("one", "two"):
+        rows = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        loss[run] = next(row["train/loss"] for row in rows if "train/loss" in row)
+    assert loss["two"] == pytest.approx(loss["one"], rel=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_result(demo, tmp_path):
+    args = ["--dataset_dir", demo, "--num_epochs", "3", "--eval_every_epochs", "1", "--checkpointing_steps", "4",
+            *SMALL]
+    launch([*args, "--output_dir", str(tmp_path / "straight")])
+
+    killed = tmp_path / "killed"
+    process = launch([*args, "--output_dir", str(killed)], wait=False)
+    deadline = time.time() + 600
+    # Kill it hard once it has written a mid-epoch checkpoint (step 4 is inside the first epoch of 12 batches).
+    while time.time() < deadline and not (killed / "checkpoints" / "step_00000008").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists()
+    launch([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(killed / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+    assert json.loads((killed / "test_results.json").read_text()) == json.loads(
+        (tmp_path / "straight" / "test_results.json").read_text()
+    )
