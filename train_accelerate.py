@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 from modeling_m3el import M3ELModel, M3ELProcessor
 from modeling_m3el.data import UniqueGoldBatchSampler, load_benchmark, process_training_batch
+from modeling_m3el.demo import DEMO_MANIFEST
 from modeling_m3el.evaluation import gold_ranks, index_rows, ranking_metrics
 from modeling_m3el.index_m3el import EntityIndex
+from modeling_m3el.model_card import DEMO_DATASET, write_model_card
 
 logger = logging.getLogger("m3el.train")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
@@ -340,47 +342,6 @@ def log_metrics(accelerator, config: TrainingConfig, metrics: dict, step: int) -
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def model_card(config: TrainingConfig, benchmark, results: dict, model: M3ELModel) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
-
-    base = config.clip or ("tiny CLIP built from code (demo)" if config.init_from is None else config.init_from)
-    data = ModelCardData(
-        library_name="transformers", license="apache-2.0", tags=["multimodal-entity-linking", "m3el", "custom_code"],
-        base_model=config.clip if config.clip else None,
-    )
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in results.items() if k != "count")
-    content = f"""---
-{data.to_yaml()}
----
-
-# M3EL entity linker ({benchmark.name})
-
-M3EL (Multi-level Matching Network for Multimodal Entity Linking, KDD 2025, arXiv 2412.10440), trained with
-`train_accelerate.py` from **{base}**, cross-modal mode `{model.config.cross_modal}`, on {benchmark.name}.
-
-## Test results ({results.get('count', 0)} mentions, ranked against all {len(benchmark.entities)} entities)
-
-| metric | value |
-|---|---|
-{rows}
-
-## Usage
-
-```python
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("PATH_OR_REPO", trust_remote_code=True)
-```
-
-## Training configuration
-
-```json
-{json.dumps(dataclasses.asdict(config), indent=1)}
-```
-"""
-    return str(ModelCard(content))
-
-
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -408,8 +369,8 @@ def main(argv=None):
 
             dataset_dir = write_demo_benchmark(config.demo_dir, seed=config.demo_seed)
         benchmark = load_benchmark(dataset_dir)
-        if config.dataset_dir is None:
-            benchmark.name = "m3el-demo"  # written with WikiMEL's file names, so that the same loader reads it
+        if os.path.isfile(os.path.join(dataset_dir, DEMO_MANIFEST)):
+            benchmark.name = DEMO_DATASET  # written with WikiMEL's file names, so that the same loader reads it
     logger.info(benchmark.summary())
     for split in ("train", "dev", "test"):
         if split not in benchmark.splits or len(benchmark.splits[split]) == 0:
@@ -528,9 +489,10 @@ def main(argv=None):
         files = {
             "test_results.json": json.dumps({**results, "best_epoch": state.best_epoch}, indent=1),
             "training_config.json": json.dumps(dataclasses.asdict(config), indent=1),
-            "README.md": model_card(config, benchmark, results, best),
         }
         save_model_folder(best, processor, final, extra_files=files)
+        write_model_card(final, log_path=os.path.join(config.output_dir, "log.jsonl"),
+                         dataset_name=benchmark.name)
         with open(os.path.join(config.output_dir, "test_results.json"), "w") as f:
             f.write(files["test_results.json"])
         print(f"Test ({results['count']} mentions vs {len(benchmark.entities)} entities): {_format(results)}")

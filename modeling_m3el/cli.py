@@ -1,8 +1,9 @@
 """The `m3el` command: evaluate a saved model on a benchmark split, build an entity index, convert an authors'
-checkpoint."""
+checkpoint, link mentions, build the publishable folder of a training run and push it to the Hub."""
 
 import argparse
 import json
+import os
 import sys
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,6 +63,81 @@ def _convert(args) -> int:
     return convert_main(args.convert_args)
 
 
+def _link(args) -> int:
+    from .index_m3el import EntityIndex
+    from .pipeline_m3el import M3ELEntityLinkingPipeline
+
+    model, processor = _load_model(args.model, args.dtype, args.device)
+    index = EntityIndex.load(args.index, model) if args.index else None
+    entities = args.entities or (
+        os.path.join(args.index, "entities.jsonl")
+        if args.index and os.path.isfile(os.path.join(args.index, "entities.jsonl")) else None
+    )
+    try:
+        linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=entities,
+                                           device=model.device)
+        results = linker({"mention": args.mention, "text": args.sentence, "image": args.image}, top_k=args.top_k,
+                         unreadable_image=args.unreadable_image)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.json:
+        print(json.dumps(results, indent=1, ensure_ascii=False))
+    else:
+        for entity in results:
+            print(f"{entity['rank']:>3}  {entity['score']:9.4f}  {entity['probability']:6.3f}  {entity['id']}  "
+                  f"{entity['name'] or ''}  {entity['description'] or ''}")
+    return 0
+
+
+def _export_arguments(sub):
+    sub.add_argument("--data", default=None,
+                     help="the benchmark whose KB is indexed (default: the run's dataset_dir, or its demo_dir)")
+    sub.add_argument("--dataset-id", default=None, help="the benchmark's Hub dataset id, if any (card metadata)")
+    sub.add_argument("--entity-images", choices=("thumbnail", "none"), default="thumbnail",
+                     help="thumbnail: small copies of the entity images in the folder (shown by the pipeline's "
+                          "results and the Space); none: no images")
+    sub.add_argument("--examples", type=int, default=3, help="example test mentions shipped with the model")
+    sub.add_argument("--device", default=None, help="device that encodes the KB (default: cpu)")
+
+
+def _export(args) -> int:
+    from .publish import build_hub_folder
+
+    folder = build_hub_folder(
+        args.run, args.output, data_dir=args.data, repo_id=args.repo_id, dataset_id=args.dataset_id,
+        entity_images=args.entity_images, num_examples=args.examples, device=args.device, overwrite=args.overwrite,
+    )
+    print(f"Publishable folder in {folder}")
+    return 0
+
+
+def _push(args) -> int:
+    import tempfile
+
+    from .publish import REQUIRED_FILES, build_hub_folder, push_to_hub
+
+    source = os.path.abspath(args.source)
+    with tempfile.TemporaryDirectory(prefix="m3el-push-") as scratch:
+        folder = source
+        if not all(os.path.isfile(os.path.join(source, name)) for name in REQUIRED_FILES):
+            # A training run (or its model/ folder): build the folder first, for this repo.
+            folder = build_hub_folder(
+                source, args.build_dir or os.path.join(scratch, "folder"), data_dir=args.data, repo_id=args.repo_id,
+                dataset_id=args.dataset_id, entity_images=args.entity_images, num_examples=args.examples,
+                device=args.device, overwrite=args.build_dir is not None,
+            )
+        result = push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.commit_message,
+                             token=args.token, dry_run=args.dry_run)
+        if args.dry_run:
+            visibility = "private" if args.private else "public"
+            print(f"Would create {visibility} model repo {args.repo_id} (if absent) and upload {len(result)} files "
+                  f"from {folder}:")
+            print("\n".join(f"  {name}" for name in result))
+        else:
+            print(f"Pushed {folder} to {result.commit_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3el", description="M3EL multimodal entity linking.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +169,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("convert_args", nargs=argparse.REMAINDER)
     convert.set_defaults(handler=_convert)
+
+    link = commands.add_parser(
+        "link", help="link one mention (its name, sentence and image) to the top-k entities of a model's KB",
+        description="Link a mention with the multimodal-entity-linking pipeline. The KB is the entity index saved in "
+                    "the model folder (m3el export puts one there), or the one given with --index.",
+    )
+    link.add_argument("--model", required=True, help="a saved M3EL folder (built by m3el export, or any with --index)")
+    link.add_argument("--mention", required=True, help="the mention, as it appears in the sentence")
+    link.add_argument("--sentence", "--text", dest="sentence", required=True, help="the sentence it occurs in")
+    link.add_argument("--image", default=None, help="the image posted with it: a path or an http(s) URL (optional)")
+    link.add_argument("--top-k", type=int, default=5, help="entities to return (default: 5)")
+    link.add_argument("--index", default=None, help="a folder saved with EntityIndex.save (m3el index); default: "
+                                                    "the model folder's own index")
+    link.add_argument("--entities", default=None, help="the KB's entities.jsonl (names, descriptions, images); "
+                                                       "default: the one next to the index")
+    link.add_argument("--unreadable-image", choices=("error", "zero"), default="error",
+                      help="an image that cannot be read: fail (default), or score with an all-zero image")
+    link.add_argument("--dtype", choices=DTYPES, default="float32", help="float32: exact; bfloat16/float16: faster")
+    link.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
+    link.add_argument("--json", action="store_true", help="print the results as JSON")
+    link.set_defaults(handler=_link)
+
+    export = commands.add_parser(
+        "export", help="build the publishable folder of a training run (model, code, pipeline, entity index, card)",
+        description="Build the folder a training run is published as: config, weights, processor, Hub code with the "
+                    "multimodal-entity-linking pipeline, the entity index of its KB with the entities' metadata and "
+                    "thumbnails, example mentions, the Endpoints handler and the model card with plots.",
+    )
+    export.add_argument("--run", required=True, help="train_accelerate.py's output folder (or its model/ folder)")
+    export.add_argument("--output", required=True, help="the folder to build (new or empty, unless --overwrite)")
+    export.add_argument("--repo-id", default=None, help="the Hub repo it is meant for (the card's snippets load it)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output if it is not empty")
+    _export_arguments(export)
+    export.set_defaults(handler=_export)
+
+    push = commands.add_parser(
+        "push", help="push a built folder (or a training run, built first) to a Hub model repo",
+        description="Create the model repo (private or public; an existing repo keeps its visibility) and upload the "
+                    "folder in one commit. Give a folder built by m3el export, or a training run's output folder, "
+                    "which is built first (into --build-dir, or a temporary folder). Needs a Hub token (hf auth login, "
+                    "HF_TOKEN or --token), except with --dry-run.",
+    )
+    push.add_argument("source", help="a folder built by m3el export, or a training run's output folder")
+    push.add_argument("--repo-id", required=True, help="user-or-org/name of the model repo")
+    push.add_argument("--private", action="store_true", help="create the repo private (default: public)")
+    push.add_argument("--commit-message", default=None, help="the commit's message")
+    push.add_argument("--dry-run", action="store_true",
+                      help="build if needed, then list the files that would be uploaded; touch nothing on the Hub")
+    push.add_argument("--token", default=None, help="a Hub token (default: the logged-in one, or HF_TOKEN)")
+    push.add_argument("--build-dir", default=None, help="where to build a training run's folder (kept), instead of a "
+                                                        "temporary folder")
+    _export_arguments(push)
+    push.set_defaults(handler=_push)
     return parser
 
 

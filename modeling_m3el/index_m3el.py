@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +15,14 @@ INDEX_WEIGHTS = "entity_index.safetensors"
 INDEX_META = "entity_index.json"
 INDEX_FORMAT = 1
 # Config fields that say nothing about the scores, left out of the fingerprint.
-_FINGERPRINT_SKIP = {"transformers_version", "_name_or_path", "architectures", "auto_map", "dtype", "torch_dtype"}
+_FINGERPRINT_SKIP = {
+    "transformers_version", "_name_or_path", "architectures", "auto_map", "custom_pipelines", "dtype", "torch_dtype",
+}
+
+
+def _scoring_config(config: dict) -> dict:
+    """The config without the fields that say nothing about the scores, at every level (sub-configs carry a dtype)."""
+    return {k: _scoring_config(v) if isinstance(v, dict) else v for k, v in config.items() if k not in _FINGERPRINT_SKIP}
 
 
 class StaleIndexError(ValueError):
@@ -25,10 +32,11 @@ class StaleIndexError(ValueError):
 def model_fingerprint(model: M3ELModel) -> str:
     """
     Hash of the model's config and weights. Weights are hashed after rounding to bfloat16, so the same checkpoint
-    loaded in float32, bfloat16 or float16 has one fingerprint, while any training step changes it.
+    loaded in float32 or bfloat16 has one fingerprint, while any training step changes it. (Loaded in float16, a
+    weight is rounded twice and may hash differently: rebuild the index, or load the model in bfloat16.)
     """
     digest = hashlib.blake2b(digest_size=16)
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _FINGERPRINT_SKIP}
+    config = _scoring_config(model.config.to_dict())
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -103,12 +111,71 @@ class EntityIndex:
     @classmethod
     @torch.no_grad()
     def from_features(
-        cls, model: M3ELModel, features: M3ELFeatures, entity_ids: Sequence[str], dtype: torch.dtype | None = None
+        cls,
+        model: M3ELModel,
+        features: M3ELFeatures,
+        entity_ids: Sequence[str],
+        dtype: torch.dtype | None = None,
+        batch_size: int | None = None,
+        device: torch.device | str | None = None,
     ) -> "EntityIndex":
-        """Index entity features made by `model.encode` (all at once; `build` does it in batches)."""
-        prepared = model.prepare_entities(features)
-        tensors = {f"{branch}.{name}": t.to(dtype or t.dtype) for branch, part in prepared.items() for name, t in part.items()}
+        """
+        Index entity features made by `model.encode`: all at once, or `batch_size` entities at a time (each batch
+        moved to the model's device: features may stay on the host). Kept in `dtype` on `device` (defaults: the
+        dtype and device the model's outputs have).
+        """
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        num_entities = features.text_embeds.shape[0]
+        step = batch_size or max(num_entities, 1)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, num_entities, step):
+            batch = M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()})
+            for branch, part in model.prepare_entities(batch).items():
+                for name, tensor in part.items():
+                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    parts.setdefault(f"{branch}.{name}", []).append(tensor)
+        tensors = {name: torch.cat(pieces) if len(pieces) > 1 else pieces[0] for name, pieces in parts.items()}
         return cls(tensors, entity_ids, model_fingerprint(model))
+
+    @classmethod
+    @torch.no_grad()
+    def from_inputs(
+        cls,
+        model: M3ELModel,
+        inputs: Mapping[str, torch.Tensor],
+        entity_ids: Sequence[str],
+        batch_size: int = 256,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> "EntityIndex":
+        """
+        Index a KB already preprocessed into tensors: `input_ids` (E, L), `pixel_values` (E, 3, H, W) and optionally
+        `attention_mask`, as `processor.process_entities` returns them (on any device; each batch is moved to the
+        model's). Encoded `batch_size` entities at a time; kept in `dtype` on `device` (defaults: the model's).
+        """
+        if len(entity_ids) == 0:
+            raise ValueError("cannot build an index of an empty KB")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        model_device = model.device
+        parts: dict[str, list[torch.Tensor]] = {}
+        batches = range(0, len(entity_ids), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Indexing entities", unit="batch")
+        for start in batches:
+            batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
+            features = model.encode(**batch, side="entity")
+            for branch, part in model.prepare_entities(features).items():
+                for name, tensor in part.items():
+                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    parts.setdefault(f"{branch}.{name}", []).append(tensor)
+        tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
+        return cls(tensors, [str(e) for e in entity_ids], model_fingerprint(model))
 
     @classmethod
     @torch.no_grad()
@@ -274,6 +341,75 @@ class EntityIndex:
         tokens = [self.tensors[k].shape[1] ** 2 for k in ("text.query", "image.query") if k in self.tensors]
         per_entity = 3 * max(tokens, default=1) * num_mentions * 4  # scores, softmax and a float32 copy
         return max(1, min(len(self), memory_budget_bytes // max(per_entity, 1)))
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        model: M3ELModel,
+        mention_features: M3ELFeatures,
+        candidate_rows: torch.Tensor,
+        memory_budget_bytes: int = 2**30,
+    ) -> torch.Tensor:
+        """
+        Exact final scores (B, K) of each mention against its own K candidates, `candidate_rows` (B, K): rows of this
+        index. Entry [b, k] equals `scores(...)[b, candidate_rows[b, k]]`. The candidates' tensors are gathered a
+        group of mentions at a time, so that gathered tensors and attention scores fit `memory_budget_bytes`.
+        """
+        num_mentions = mention_features.text_embeds.shape[0]
+        if num_mentions == 0:
+            raise ValueError("no mentions to score (a batch of 0)")
+        mentions = model.prepare_mentions(mention_features)
+        return self.score_prepared_candidates(model, mentions, candidate_rows, memory_budget_bytes)
+
+    @torch.no_grad()
+    def score_prepared_candidates(
+        self, model: M3ELModel, mentions: dict, candidate_rows: torch.Tensor, memory_budget_bytes: int = 2**30
+    ) -> torch.Tensor:
+        """`score_candidates` from mentions already prepared with `model.prepare_mentions`."""
+        num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
+        if not isinstance(candidate_rows, torch.Tensor) or candidate_rows.dtype != torch.long:
+            raise TypeError("candidate_rows must be a torch.LongTensor of shape (num_mentions, K)")
+        if candidate_rows.dim() != 2 or candidate_rows.shape[0] != num_mentions or candidate_rows.shape[1] == 0:
+            raise ValueError(
+                f"candidate_rows must have shape ({num_mentions}, K) with K >= 1, got {tuple(candidate_rows.shape)}"
+            )
+        candidate_rows = candidate_rows.to(self.device)
+        if candidate_rows.min() < 0 or candidate_rows.max() >= len(self):
+            raise IndexError(
+                f"candidate rows must lie in [0, {len(self)}), got [{candidate_rows.min()}, {candidate_rows.max()}]"
+            )
+        mentions = {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
+        num_candidates = candidate_rows.shape[1]
+        per_candidate = self._bytes_per_candidate()
+        # Candidates in slices only when one mention's candidates alone exceed the budget.
+        slice_size = max(1, min(num_candidates, memory_budget_bytes // per_candidate))
+        group = max(1, min(num_mentions, memory_budget_bytes // (slice_size * per_candidate)))
+        pieces = []
+        for start in range(0, num_mentions, group):
+            group_mentions = {
+                b: {k: t[start : start + group] for k, t in part.items()} for b, part in mentions.items()
+            }
+            columns = []
+            for first in range(0, num_candidates, slice_size):
+                rows = candidate_rows[start : start + group, first : first + slice_size]  # (b, k)
+                candidates = self._prepared_rows(rows)
+                columns.append(model.score_prepared_candidates(group_mentions, candidates).logits)
+            pieces.append(torch.cat(columns, dim=1))
+        return torch.cat(pieces, dim=0)
+
+    def _prepared_rows(self, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """The index tensors at `rows` (b, k), each of shape (b, k, ...), nested like `prepare_entities`."""
+        prepared: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in self.tensors.items():
+            branch, name = key.split(".", 1)
+            prepared.setdefault(branch, {})[name] = tensor[rows]
+        return prepared
+
+    def _bytes_per_candidate(self) -> int:
+        """Memory one gathered (mention, candidate) pair takes: its index rows plus its attention scores."""
+        row = sum(t[0].numel() * t.element_size() for t in self.tensors.values())
+        tokens = [self.tensors[k].shape[1] ** 2 for k in ("text.query", "image.query") if k in self.tensors]
+        return row + 3 * max(tokens, default=1) * 4
 
     @torch.no_grad()
     def rank(self, model: M3ELModel, mention_features: M3ELFeatures, gold_entity_ids: Sequence[str], **kwargs):

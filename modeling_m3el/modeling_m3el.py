@@ -184,18 +184,55 @@ class M3ELIntraModalMatching(nn.Module):
         return {"embeds": embeds, "key": self.key(tokens), "value": self.value(tokens)}
 
     def score(self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor]) -> torch.Tensor:
-        global_to_global = mention["embeds"] @ entity["embeds"].T  # (B, E)
-        query, key, value = entity["query"], mention["key"], mention["value"]
-        num_entities, num_entity_tokens, d = query.shape
-        num_mentions, num_mention_tokens, _ = key.shape
-        # Every entity token attends over every mention token; no padding mask (SPEC 4.1).
-        attention = (query.reshape(-1, d) @ key.reshape(-1, d).T) * self.scale  # (E*Lx, B*Lx)
-        attention = attention.view(num_entities, num_entity_tokens, num_mentions, num_mention_tokens).softmax(dim=-1)
-        # mean_i (A U)[i] == (mean_i A) U: average the attention over entity tokens before touching the values.
-        weights = attention.mean(dim=1).transpose(0, 1)  # (B, E, Lx)
-        context = self.context_norm(torch.bmm(weights, value))  # (B, E, d)
-        global_to_local = (context * entity["global"].unsqueeze(0)).sum(dim=-1)  # (B, E)
-        return (global_to_global + global_to_local) / 2
+        """
+        `(g2g + g2l) / 2`. Entity tensors of shape (E, ...) score every mention against every entity, (B, E);
+        entity tensors gathered per mention, (B, K, ...), score each mention against its own K candidates, (B, K).
+        """
+        global_to_global = _pair_dot(mention["embeds"], entity["embeds"])  # (B, E) or (B, K)
+        return (global_to_global + self.global_to_local(mention, entity)) / 2
+
+    def global_to_local(self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        G2L scores (SPEC 4.1): `<c_e, LN(mean_i softmax_j(Q_e K_b^T / sqrt(d)) U_b)>`, for every (mention, entity)
+        pair (`entity["query"]` of shape (E, Lx, d) -> (B, E)) or for each mention's own candidates
+        (`entity["query"]` of shape (B, K, Lx, d) -> (B, K)).
+        """
+        query, value = entity["query"], mention["value"]
+        # 1/sqrt(d) applied to the (B, Lx, d) keys rather than to the far larger attention scores: one pass fewer.
+        key = mention["key"] * self.scale
+        num_mentions, num_mention_tokens, d = key.shape
+        if query.dim() == 3:
+            num_entities, num_entity_tokens, _ = query.shape
+            # Every entity token attends over every mention token, in one matmul; no padding mask (SPEC 4.1).
+            attention = query.reshape(-1, d) @ key.reshape(-1, d).T  # (E*Lx, B*Lx)
+            attention = attention.view(num_entities, num_entity_tokens, num_mentions, num_mention_tokens)
+            attention = attention.softmax(dim=-1)
+            # mean_i (A U)[i] == (mean_i A) U: average the attention over entity tokens before touching the values.
+            weights = attention.mean(dim=1).transpose(0, 1)  # (B, E, Lx)
+            entity_global = entity["global"].unsqueeze(0)  # (1, E, d)
+        else:
+            _, num_candidates, num_entity_tokens, _ = query.shape
+            # The tokens of a mention's K candidates attend over that mention's tokens only.
+            attention = torch.bmm(query.reshape(num_mentions, -1, d), key.transpose(1, 2))  # (B, K*Lx, Lx)
+            attention = attention.view(num_mentions, num_candidates, num_entity_tokens, num_mention_tokens)
+            attention = attention.softmax(dim=-1)
+            weights = attention.mean(dim=2)  # (B, K, Lx)
+            entity_global = entity["global"]  # (B, K, d)
+        context = torch.bmm(weights, value)  # (B, E, d) or (B, K, d)
+        # A half-precision index scored by a float32 model: the LayerNorm runs in its parameters' dtype (CUDA's
+        # kernel takes a single dtype), and the scores stay in the index's.
+        context = self.context_norm(context.to(self.context_norm.weight.dtype)).to(context.dtype)
+        return (context * entity_global).sum(dim=-1)
+
+
+def _pair_dot(mention: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
+    """
+    Dot products of mention vectors (B, D) with entity vectors: (E, D) -> every pair, (B, E); entity vectors
+    gathered per mention, (B, K, D) -> each mention with its own K candidates, (B, K).
+    """
+    if entity.dim() == 2:
+        return mention @ entity.T
+    return torch.bmm(entity, mention.unsqueeze(-1)).squeeze(-1)
 
 
 class M3ELMatch(nn.Module):
@@ -444,7 +481,11 @@ class M3ELModel(M3ELPreTrainedModel):
         return prepared
 
     def score_prepared(self, mentions: dict, entities: dict) -> M3ELScores:
-        """Scores (B, E) from the outputs of `prepare_mentions` and `prepare_entities`."""
+        """
+        Scores (B, E) from the outputs of `prepare_mentions` and `prepare_entities`. Entity tensors gathered per
+        mention, of shape (B, K, ...), give each mention's scores against its own candidates, (B, K) (see
+        `score_prepared_candidates`).
+        """
         branch_logits = {}
         if self.text_matching is not None:
             branch_logits["text"] = self.text_matching.score(mentions["text"], entities["text"])
@@ -452,7 +493,7 @@ class M3ELModel(M3ELPreTrainedModel):
             branch_logits["image"] = self.image_matching.score(mentions["image"], entities["image"])
         if self.cross_modal_matching is not None:
             for name, vector in mentions["cross_modal"].items():
-                branch_logits[name] = vector @ entities["cross_modal"][name].T
+                branch_logits[name] = _pair_dot(vector, entities["cross_modal"][name])
         logits = sum(branch_logits.values()) / len(branch_logits)
         return M3ELScores(
             logits=logits,
@@ -461,6 +502,22 @@ class M3ELModel(M3ELPreTrainedModel):
             text_to_image_logits=branch_logits.get("text_to_image"),
             image_to_text_logits=branch_logits.get("image_to_text"),
         )
+
+    def score_prepared_candidates(self, mentions: dict, candidates: dict) -> M3ELScores:
+        """
+        Each mention against its own K candidate entities: `candidates` holds `prepare_entities` outputs gathered
+        per mention, every tensor of shape (B, K, ...) (e.g. `tensor[rows]` with rows (B, K)). Entry [b, k] of the
+        scores (B, K) equals the entry of `score_prepared` for mention b and the entity in slot k.
+        """
+        num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
+        shapes = {f"{branch}.{name}": tuple(t.shape) for branch, part in candidates.items() for name, t in part.items()}
+        leading = {shape[:2] for shape in shapes.values()}
+        if any(len(shape) < 3 for shape in shapes.values()) or len(leading) != 1 or leading.pop()[0] != num_mentions:
+            raise ValueError(
+                f"candidates must be entity tensors gathered per mention, all of shape ({num_mentions}, K, ...); "
+                f"got {shapes}"
+            )
+        return self.score_prepared(mentions, candidates)
 
     def score(
         self, mention_features: M3ELFeatures, entity_features: M3ELFeatures, entity_chunk_size: int | None = None

@@ -1,0 +1,95 @@
+"""Training throughput: M3EL's full training step (both CLIP passes, the matching network, the SPEC 4.3 loss,
+backward, AdamW) on random inputs, in float32 and under bf16 autocast: mentions/s and peak memory.
+
+    python benchmarks/bench_training.py --model b32 --batch 128 --steps 200      # on a GPU: the issue's check
+    python benchmarks/bench_training.py --check                                   # tiny, CPU, a few steps
+
+The authors' step (PERF_NOTES.md, H200, B/32, batch 128): 281 ms fp32 (455 mentions/s, 18.6 GiB peak),
+150 ms in bf16 autocast (853 mentions/s, 12.6 GiB).
+"""
+
+import argparse
+import contextlib
+
+import torch
+
+from common import DTYPES, add_common_arguments, build_model, machine, markdown_table, synchronize, timed, write_json
+
+
+def random_batch(model, batch: int, device, generator: torch.Generator) -> dict:
+    config = model.config
+    vision = config.clip_config.vision_config
+    vocab = config.clip_config.text_config.vocab_size
+    length = config.text_max_length
+    inputs = {}
+    for prefix in ("", "entity_"):
+        ids = torch.randint(0, vocab - 2, (batch, length), generator=generator, device=device)
+        ids[:, -1] = config.clip_config.text_config.eos_token_id  # CLIP pools at the end-of-text token
+        inputs[f"{prefix}input_ids"] = ids
+        inputs[f"{prefix}attention_mask"] = torch.ones_like(ids)
+        inputs[f"{prefix}pixel_values"] = torch.randn(
+            (batch, 3, vision.image_size, vision.image_size), generator=generator, device=device
+        )
+    return inputs
+
+
+def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int, precision: str, seed: int) -> dict:
+    model = build_model(model_size, mode, device, seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-4, weight_decay=1e-4)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    inputs = random_batch(model, batch, device, generator)
+    autocast = (
+        torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
+        if precision != "float32" else contextlib.nullcontext()
+    )
+
+    def step():
+        with autocast:
+            loss = model(**inputs, return_loss=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loss, seconds = timed(lambda: [step() for _ in range(steps)][-1], device)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
+    return {
+        "model": model_size, "mode": mode, "precision": precision, "batch": batch, "steps": steps,
+        "ms_per_step": 1000 * seconds / steps, "mentions_per_s": batch * steps / seconds,
+        "peak_gib": None if peak is None else peak / 2**30, "final_loss": float(loss),
+    }
+
+
+def main(argv=None):
+    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__), sizes="0")
+    parser.add_argument("--batch", type=int, default=128, help="mentions (and as many gold entities) per step")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precisions", default="float32,bfloat16")
+    args = parser.parse_args(argv)
+    if args.check:
+        args.model, args.batch, args.steps, args.warmup = "tiny", 8, 3, 1
+    results = [
+        run(args.model, args.mode, args.device, args.batch, args.steps, args.warmup, precision, args.seed)
+        for precision in args.precisions.split(",")
+    ]
+    print(f"Training step, {args.model} model, {args.mode}, batch {args.batch}, {args.steps} timed steps; "
+          f"{machine(args.device)}")
+    print(markdown_table(
+        ["precision", "ms/step", "mentions/s", "peak memory", "loss after"],
+        [[r["precision"], f"{r['ms_per_step']:.1f}", f"{r['mentions_per_s']:.0f}",
+          "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB", f"{r['final_loss']:.3f}"] for r in results],
+    ))
+    for result in results:
+        if not torch.isfinite(torch.tensor(result["final_loss"])):
+            raise SystemExit(f"non-finite loss in {result['precision']}")
+    write_json(args.json, {"machine": machine(args.device), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The `multimodal-entity-linking` pipeline: mentions (a name, its sentence, its image) in, a KB's top-k entities out."""
+
+import json
+import os
+import warnings
+
+import torch
+from transformers import Pipeline
+
+from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, model_fingerprint
+
+TASK = "multimodal-entity-linking"
+ENTITIES_FILE = "entities.jsonl"  # the KB's metadata, one entity a line, in the JSON Lines benchmark layout
+MENTION_FIELDS = ("mention", "text", "image")
+UNREADABLE_IMAGE_MODES = ("error", "zero")
+
+
+def load_entities(path: str | os.PathLike) -> list[dict]:
+    """
+    Read a KB's metadata: JSON Lines of `{"id": str, "name": str, "description": str, "images": [str]}` (`images`
+    optional; paths relative to the file's folder, absolute paths or URLs), the layout of the benchmark loader's
+    `entities.jsonl`.
+    """
+    entities = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise ValueError(f"{path}, line {number}: an entity needs a string 'id'")
+            entities.append(record)
+    return entities
+
+
+def save_entities(folder: str | os.PathLike, entities: list[dict]) -> str:
+    """Write a KB's metadata (see `load_entities`) as `entities.jsonl` in `folder`; returns the file's path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ENTITIES_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        for entity in entities:
+            record = {"id": str(entity["id"]), "name": entity.get("name"), "description": entity.get("description")}
+            images = entity.get("images") or ([entity["image"]] if entity.get("image") is not None else [])
+            record["images"] = [image for image in images if isinstance(image, str)]  # references only, not pixels
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def check_mention(mention, position: int = 0) -> dict:
+    """One pipeline input -> `{"mention", "text", "image"}`, or a ValueError that says what is wrong with it."""
+    where = f"input {position}"
+    if not isinstance(mention, dict):
+        raise ValueError(
+            f"{where}: a mention is a dict with 'mention', 'text' and optionally 'image', got {type(mention).__name__}"
+        )
+    unknown = sorted(set(mention) - set(MENTION_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected {MENTION_FIELDS}")
+    for field in ("mention", "text"):
+        if field not in mention:
+            raise ValueError(f"{where}: missing field {field!r} (a mention needs 'mention' and 'text')")
+        if not isinstance(mention[field], str):
+            raise ValueError(f"{where}: {field!r} must be a string, got {type(mention[field]).__name__}")
+        if not mention[field].strip():
+            raise ValueError(f"{where}: {field!r} is empty")
+    return {"mention": mention["mention"], "text": mention["text"], "image": mention.get("image")}
+
+
+def check_top_k(top_k) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    return top_k
+
+
+def _is_url(value) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+class M3ELEntityLinkingPipeline(Pipeline):
+    r"""
+    Multimodal entity linking with M3EL: each mention (its name, the sentence it occurs in, the image posted with it)
+    is scored against every entity of a KB, through an [`EntityIndex`] of the KB's precomputed entity features, and
+    the `top_k` best entities are returned.
+
+    ```python
+    >>> from transformers import pipeline
+    >>> linker = pipeline("multimodal-entity-linking", model="path/or/repo", trust_remote_code=True)
+    >>> linker({"mention": "Jaguar", "text": "the Jaguar at the zoo today", "image": "post.jpg"}, top_k=3)
+    [{'rank': 1, 'id': 'Q35694', 'name': 'Jaguar', 'description': '...', 'score': 4.21, 'probability': 0.93,
+      'image': '...'}, ...]
+    ```
+
+    Inputs: one mention or a list of them, each a dict with `mention` and `text` (non-empty strings) and optionally
+    `image`: a path, an http(s) URL, a `PIL.Image.Image`, a numpy array, bytes, a base64 string or a data URL; no image
+    (absent or `None`) is scored with the all-zero image, as the model was trained.
+
+    Outputs: for each mention, its `top_k` entities, best first, each a dict with `rank` (1-based), `id`, `name`,
+    `description` and `image` (a local path or URL of the entity's first image, or `None`) from the KB's metadata,
+    `score` (M3EL's final score) and `probability` (the softmax of the scores over the whole KB). Ties keep an
+    arbitrary order.
+
+    Args:
+        model ([`M3ELModel`]): the linker.
+        processor ([`M3ELProcessor`]): its processor (loaded from the same folder by `pipeline(...)`).
+        index (`EntityIndex`, `str` or `list[dict]`, *optional*):
+            the KB. An `EntityIndex` built with this model; a folder (or Hub repo) holding one, saved with
+            `EntityIndex.save`; or the KB's entities as dicts (`id`, `name`, `description`, `image` or `images`),
+            indexed on the spot. Defaults to the index saved in the model's own folder or repo.
+        entities (`str` or `list[dict]`, *optional*):
+            the KB's metadata (names, descriptions, images) as an `entities.jsonl` path or a list of dicts. Defaults
+            to the `entities.jsonl` next to the index; without metadata, results carry ids and scores only.
+        top_k (`int`, *optional*, defaults to 5): entities returned per mention (at most the KB's size).
+        unreadable_image (`str`, *optional*, defaults to `"error"`):
+            what to do with an image that is given but cannot be read. `"error"` raises a ValueError naming the
+            mention, since a mistyped path or a truncated upload would otherwise be linked silently on text alone.
+            `"zero"` does what the processor and the evaluation do: an all-zero image, with a warning, counted in
+            `processor.num_unreadable_images`.
+
+    `device` and `dtype` work as for every pipeline (`pipeline(..., device="cuda", dtype=torch.bfloat16)`); the index
+    follows the model's device and dtype. `batch_size` batches the mentions.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, model, processor=None, index=None, entities=None, **kwargs):
+        if processor is None:
+            raise ValueError("the multimodal-entity-linking pipeline needs the model's processor (M3ELProcessor)")
+        super().__init__(model=model, processor=processor, **kwargs)
+        index, folder, records = self._resolve_index(index)
+        self.index = index.to(device=self.device, dtype=self.model.dtype)
+        self._entity_folder = folder  # where relative entity image paths live: a local folder or a Hub repo id
+        if entities is not None:
+            if isinstance(entities, (str, os.PathLike)):
+                self._entity_folder = os.path.dirname(os.path.abspath(entities))
+                records = load_entities(entities)
+            else:
+                records = list(entities)
+        elif records is None and folder is not None:
+            path = self._find_file(folder, ENTITIES_FILE)
+            if path is not None:
+                records = load_entities(path)
+        self.entities = {str(record["id"]): record for record in records or []}
+        missing = [entity_id for entity_id in self.index.entity_ids if entity_id not in self.entities]
+        if self.entities and missing:
+            warnings.warn(f"{len(missing)} indexed entities have no metadata (e.g. {missing[:3]}); their names are None")
+
+    # ------------------------------------------------------------------------------------------------ the KB
+
+    def _find_file(self, folder: str, name: str) -> str | None:
+        """`name` in a local folder, or fetched from a Hub repo (None when it has no such file)."""
+        if os.path.isdir(folder):
+            path = os.path.join(folder, name)
+            return path if os.path.isfile(path) else None
+        from transformers.utils import cached_file
+
+        return cached_file(folder, name, _raise_exceptions_for_missing_entries=False)
+
+    def _resolve_index(self, index) -> tuple[EntityIndex, str | None, list[dict] | None]:
+        """-> (the index, the folder or repo it came from, the entity records it was built from)."""
+        if isinstance(index, EntityIndex):
+            index.check_model(self.model)
+            return index, None, None
+        if isinstance(index, (list, tuple)):
+            records = [dict(record) for record in index]
+            for record in records:  # `image` for the index, `images` for the metadata, as in entities.jsonl
+                if "image" not in record:
+                    record["image"] = (record.get("images") or [None])[0]
+                record.setdefault("images", [record["image"]] if record["image"] is not None else [])
+            built = EntityIndex.build(self.model, self.processor, records, progress=False)
+            return built, None, records
+        location = index if index is not None else self.model.name_or_path
+        if not location:
+            raise ValueError(
+                "no entity index: pass index= an EntityIndex, a folder saved with EntityIndex.save, or the KB's "
+                "entities as dicts (the model was not loaded from a folder that could hold one)"
+            )
+        location = os.fspath(location)
+        meta = self._find_file(location, INDEX_META)
+        if meta is None:
+            raise ValueError(
+                f"{location} holds no entity index ({INDEX_META}): pass index= an EntityIndex, a folder saved with "
+                "EntityIndex.save, or the KB's entities as dicts"
+            )
+        if not os.path.isdir(location) and self._find_file(location, INDEX_WEIGHTS) is None:
+            raise ValueError(f"{location} holds {INDEX_META} but not {INDEX_WEIGHTS}")
+        return EntityIndex.load(os.path.dirname(meta), self.model), location, None
+
+    def entity_image(self, entity_id: str) -> str | None:
+        """The entity's first image as a local path or URL (fetched from the Hub when the KB lives there), or None."""
+        images = self.entities.get(entity_id, {}).get("images") or []
+        if not images or not isinstance(images[0], str):
+            return None
+        reference = images[0]
+        if _is_url(reference) or os.path.isabs(reference) or self._entity_folder is None:
+            return reference
+        try:
+            return self._find_file(self._entity_folder, reference)
+        except (OSError, ValueError):  # offline, or the file is gone: no picture rather than no answer
+            return None
+
+    # ----------------------------------------------------------------------------------------- pipeline steps
+
+    def _sanitize_parameters(self, top_k=None, unreadable_image=None):
+        preprocess, forward = {}, {}
+        if top_k is not None:
+            forward["top_k"] = check_top_k(top_k)
+        if unreadable_image is not None:
+            if unreadable_image not in UNREADABLE_IMAGE_MODES:
+                raise ValueError(f"unreadable_image must be one of {UNREADABLE_IMAGE_MODES}, got {unreadable_image!r}")
+            preprocess["unreadable_image"] = unreadable_image
+        return preprocess, forward, {}
+
+    def __call__(self, inputs, **kwargs):
+        """
+        Link one mention (a dict) or a list of them; returns one list of entities, or a list of such lists.
+        Keyword arguments: `top_k`, `unreadable_image`, `batch_size`.
+        """
+        single = isinstance(inputs, dict)
+        batch = [inputs] if single else inputs
+        if not isinstance(batch, (list, tuple)):
+            raise ValueError(f"inputs must be a mention (a dict) or a list of mentions, got {type(inputs).__name__}")
+        if len(batch) == 0:
+            raise ValueError("no mentions to link (an empty list)")
+        batch = [check_mention(mention, position) for position, mention in enumerate(batch)]
+        outputs = super().__call__(batch, **kwargs)
+        return outputs[0] if single else outputs
+
+    def preprocess(self, inputs, unreadable_image="error"):
+        mention, text, image = inputs["mention"], inputs["text"], inputs["image"]
+        if _is_url(image):
+            from transformers.image_utils import load_image
+
+            try:
+                image = load_image(image)
+            except Exception as error:  # any failure to fetch is an unreadable image, handled below
+                if unreadable_image == "error":
+                    raise ValueError(f"mention {mention!r}: cannot fetch image {inputs['image']}: {error}") from None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            features = self.processor.process_mentions([mention], [text], [image])
+        if unreadable_image == "error" and image is not None and not bool(features["has_image"][0]):
+            # The processor's warning says why; its "using an all-zero image instead" does not hold here.
+            reasons = [str(warning.message).split(". Using an all-zero image")[0] for warning in caught]
+            raise ValueError(f"mention {mention!r}: unreadable image ({'; '.join(reasons) or 'unknown reason'})")
+        for warning in caught:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return dict(features)
+
+    def _forward(self, model_inputs, top_k=5):
+        features = self.model.encode(**model_inputs)
+        scores = self.index.scores(self.model, features).float()  # (B, E)
+        values, rows = scores.topk(min(top_k, len(self.index)), dim=1)  # (B, k)
+        probabilities = scores.softmax(dim=1).gather(1, rows)  # (B, k)
+        return {"scores": values, "rows": rows, "probabilities": probabilities}
+
+    def postprocess(self, model_outputs):
+        results = []
+        for rank, (row, score, probability) in enumerate(
+            zip(model_outputs["rows"][0].tolist(), model_outputs["scores"][0].tolist(),
+                model_outputs["probabilities"][0].tolist()),
+            start=1,
+        ):
+            entity_id = self.index.entity_ids[row]
+            record = self.entities.get(entity_id, {})
+            results.append({
+                "rank": rank,
+                "id": entity_id,
+                "name": record.get("name"),
+                "description": record.get("description"),
+                "score": score,
+                "probability": probability,
+                "image": self.entity_image(entity_id),
+            })
+        return results
+
+    # ------------------------------------------------------------------------------------------------- saving
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """
+        Everything `pipeline("multimodal-entity-linking", model=save_directory, trust_remote_code=True)` needs: the
+        model and its code with this pipeline's (registered in config.json's `custom_pipelines`), the processor, the
+        entity index and the KB's metadata (`entities.jsonl`, image references written as they are held).
+        """
+        from transformers.dynamic_module_utils import custom_object_save
+
+        os.makedirs(save_directory, exist_ok=True)
+        index, fingerprint = self.index, model_fingerprint(self.model)
+        module = type(self).__module__.split(".")[-1]
+        self.model.config.custom_pipelines = {
+            TASK: {"impl": f"{module}.{type(self).__name__}", "pt": ["AutoModel"], "type": "multimodal"}
+        }
+        if index.fingerprint == fingerprint:
+            # The fingerprint hashes the config, and the entry just added names code, not anything the scores depend
+            # on: the index is still this model's, stamped with the fingerprint the saved model will have.
+            index = EntityIndex(index.tensors, index.entity_ids, model_fingerprint(self.model))
+        custom_object_save(self, save_directory)  # this file and the files it imports relatively
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+        index.save(save_directory)
+        if self.entities:
+            save_entities(save_directory, [self.entities[i] for i in self.index.entity_ids if i in self.entities])
+
+
+__all__ = ["M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]

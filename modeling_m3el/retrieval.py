@@ -1,0 +1,397 @@
+"""Two-stage retrieval for large KBs: an inner-product search over the dense part of M3EL's score proposes K
+candidates per mention, and the exact score re-ranks them."""
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .index_m3el import EntityIndex, StaleIndexError
+from .modeling_m3el import M3ELFeatures, M3ELModel
+
+BACKENDS = ("flat", "ivf", "hnsw", "torch")
+RETRIEVER_FAISS = "entity_index.faiss"
+RETRIEVER_META = "retriever.json"
+RETRIEVER_FORMAT = 1
+
+# The parts of the final score that are dot products of vectors computed for each side alone, with their weight
+# inside their branch: the G2G halves of the intra-modal branches (SPEC 4.1: (g2g + g2l) / 2) and the cross-modal
+# scores (SPEC 4.2). The final score averages the branches (SPEC 4.3), so each weight is further divided by the
+# number of branches. Keys are `EntityIndex` tensor names ("{branch}.{name}").
+DENSE_PARTS = (
+    ("text.embeds", 0.5),
+    ("image.embeds", 0.5),
+    ("cross_modal.text_to_image", 1.0),
+    ("cross_modal.image_to_text", 1.0),
+)
+
+
+def _num_branches(keys) -> int:
+    """Branches of the final score, read from the prepared tensors' names (the config's `branches`)."""
+    keys = list(keys)
+    return sum(key in keys for key in ("text.embeds", "image.embeds")) + sum(k.startswith("cross_modal.") for k in keys)
+
+
+def _dense(tensors: Mapping[str, torch.Tensor], weighted: bool) -> torch.Tensor:
+    """Concatenate the dense parts of prepared tensors into float32 vectors (n, D); `weighted`: times the score's
+    weights (done on the entity side only, so that the mention side stays the plain prepared vectors)."""
+    present = [(key, weight) for key, weight in DENSE_PARTS if key in tensors]
+    if not present:
+        raise ValueError("the model has no branch with a dense part (G2G text, G2G image or cross-modal)")
+    num_branches = _num_branches(tensors)
+    first = tensors[present[0][0]]
+    width = sum(tensors[key].shape[-1] for key, _ in present)
+    vectors = torch.empty((first.shape[0], width), dtype=torch.float32, device=first.device)  # (n, D)
+    column = 0
+    for key, weight in present:
+        part = vectors[:, column : column + tensors[key].shape[-1]]
+        part.copy_(tensors[key])  # in place, column by column: no second (n, D) copy of a large KB
+        if weighted:
+            part.mul_(weight / num_branches)
+        column += tensors[key].shape[-1]
+    return vectors
+
+
+def _flattened(prepared: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{branch}.{name}": tensor for branch, part in prepared.items() for name, tensor in part.items()}
+
+
+def dense_entity_vectors(index: EntityIndex) -> torch.Tensor:
+    """
+    Entity vectors (E, D), float32, on the index's device, such that `dense_mention_vectors(model, m) @ v.T` is the
+    dense part of the final score: `(g2g_text / 2 + g2g_image / 2 + s_t2v [+ s_v2t]) / num_branches`, i.e. the score
+    `S` minus its G2L parts `(g2l_text / 2 + g2l_image / 2) / num_branches`.
+    """
+    return _dense(index.tensors, weighted=True)
+
+
+def dense_mention_vectors(model: M3ELModel, mention_features: M3ELFeatures) -> torch.Tensor:
+    """Mention vectors (B, D), float32, the other half of `dense_entity_vectors`."""
+    return dense_mention_vectors_prepared(model.prepare_mentions(mention_features))
+
+
+def dense_mention_vectors_prepared(mentions: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """`dense_mention_vectors` from the output of `model.prepare_mentions`."""
+    return _dense(_flattened(mentions), weighted=False)
+
+
+@dataclass
+class CandidateRecall:
+    """
+    How often the exact top-1 entity of a mention is among its K first-stage candidates.
+
+    Args:
+        recall (`float`): `hits / count`.
+        hits (`int`): mentions whose exact top-1 is among their candidates.
+        count (`int`): mentions.
+        k_candidates (`int`): K, after clipping to the KB size.
+        found (`torch.BoolTensor` of shape `(count,)`): per mention.
+    """
+
+    recall: float
+    hits: int
+    count: int
+    k_candidates: int
+    found: torch.Tensor
+
+
+class TwoStageRetriever:
+    """
+    Retrieval over a large KB in two stages. Stage 1: an inner-product search over `dense_entity_vectors(index)`
+    with `dense_mention_vectors` returns the K entities with the best dense part of the score (G2G text, G2G image,
+    cross-modal). Stage 2: the exact M3EL score (`EntityIndex.score_candidates`, the G2L parts included) re-ranks
+    those K. Exact when K is the KB size; otherwise the exact top-1 can be missed (`candidate_recall` measures how
+    often).
+
+    Args:
+        index ([`EntityIndex`]): the KB, built with `model`.
+        model ([`M3ELModel`]): the model the index was built with (checked unless `check_model=False`).
+        k_candidates (`int`, *optional*, defaults to 100): K. Clipped to the KB size (K larger than the KB means
+            the whole KB, i.e. exact ranking).
+        backend (`str`, *optional*, defaults to `"flat"`): the stage-1 search.
+            - `"flat"`: faiss `IndexFlatIP`, exhaustive.
+            - `"ivf"`: faiss `IndexIVFFlat` with `nlist` k-means cells, `nprobe` of them searched per mention
+              (`nprobe == nlist`: exhaustive).
+            - `"hnsw"`: faiss `IndexHNSWFlat` with `hnsw_m` links per node; `hnsw_ef_search` (at least K) sets the
+              search breadth (at least the KB size: every reachable entity is visited).
+            - `"torch"`: exhaustive matrix products on the index's device, no faiss (the fast path on a GPU when
+              no GPU build of faiss is installed).
+        use_gpu (`bool`, *optional*): put the faiss index ("flat", "ivf") on GPU 0 when faiss has GPU support and
+            sees a GPU; otherwise warn and stay on the CPU.
+        nlist (`int`, *optional*): IVF cells, default `4 * sqrt(E)`, clipped to [1, E].
+        nprobe (`int`, *optional*): IVF cells searched, default `nlist // 8` (at least 1), clipped to nlist.
+        hnsw_m (`int`, *optional*, defaults to 32), hnsw_ef_construction (`int`, *optional*, defaults to 80),
+        hnsw_ef_search (`int`, *optional*, defaults to `max(64, K)`): HNSW parameters.
+        memory_budget_bytes (`int`, *optional*, defaults to 1 GiB): bounds the exact re-scoring's gathered tensors
+            and the "torch" backend's score blocks.
+        check_model (`bool`, *optional*, defaults to `True`): refuse (StaleIndexError) an index built with another
+            model; hashes the model's weights once.
+        faiss_index (*optional*): an index already built over `dense_entity_vectors(index)` (what `load` passes).
+    """
+
+    def __init__(
+        self,
+        index: EntityIndex,
+        model: M3ELModel,
+        k_candidates: int = 100,
+        backend: str = "flat",
+        use_gpu: bool = False,
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        hnsw_m: int = 32,
+        hnsw_ef_construction: int = 80,
+        hnsw_ef_search: int | None = None,
+        memory_budget_bytes: int = 2**30,
+        check_model: bool = True,
+        faiss_index=None,
+    ):
+        if len(index) == 0:
+            raise ValueError("cannot retrieve from an empty KB (the index holds 0 entities)")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        self.k_candidates = self._clipped_k(k_candidates, len(index))
+        if check_model:
+            index.check_model(model)
+        self.index, self.model, self.backend = index, model, backend
+        self.memory_budget_bytes = memory_budget_bytes
+        self.use_gpu = use_gpu
+        num_entities = len(index)
+        self.nlist = min(max(1, nlist if nlist is not None else round(4 * math.sqrt(num_entities))), num_entities)
+        self.nprobe = min(max(1, nprobe if nprobe is not None else self.nlist // 8), self.nlist)
+        self.hnsw_m, self.hnsw_ef_construction = hnsw_m, hnsw_ef_construction
+        self.hnsw_ef_search = hnsw_ef_search if hnsw_ef_search is not None else max(64, self.k_candidates)
+        self.dim = sum(index.tensors[key].shape[-1] for key, _ in DENSE_PARTS if key in index.tensors)
+        self._vectors = self._faiss = self._gpu_resources = None
+        if backend == "torch":
+            self._vectors = dense_entity_vectors(index)  # (E, D) float32
+        else:
+            self._faiss = faiss_index if faiss_index is not None else self._build_faiss(dense_entity_vectors(index))
+            if self._faiss.ntotal != num_entities or self._faiss.d != self.dim:
+                raise ValueError(
+                    f"the faiss index holds {self._faiss.ntotal} vectors of width {self._faiss.d}; the entity index "
+                    f"needs {num_entities} of width {self.dim}"
+                )
+            self._set_search_parameters()
+            if use_gpu:
+                self._faiss = self._to_gpu(self._faiss)
+
+    def __repr__(self) -> str:
+        return (
+            f"TwoStageRetriever({len(self.index)} entities, backend={self.backend!r}, K={self.k_candidates}, "
+            f"dense width {self.dim})"
+        )
+
+    @staticmethod
+    def _clipped_k(k: int, num_entities: int) -> int:
+        if k is None or k <= 0:
+            raise ValueError(f"k_candidates must be positive, got {k}")
+        return min(int(k), num_entities)
+
+    # ------------------------------------------------------------------------------------------------- faiss
+
+    def _build_faiss(self, vectors: torch.Tensor):
+        import faiss
+
+        data = np.ascontiguousarray(vectors.cpu().numpy(), dtype=np.float32)
+        if self.backend == "flat":
+            index = faiss.IndexFlatIP(self.dim)
+        elif self.backend == "ivf":
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(data)
+        else:
+            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.hnsw_ef_construction
+        index.add(data)
+        return index
+
+    def _set_search_parameters(self):
+        if self.backend == "ivf":
+            self._faiss.nprobe = self.nprobe
+
+    def _to_gpu(self, index):
+        import faiss
+
+        if self.backend == "hnsw":
+            warnings.warn("faiss has no GPU HNSW index; the HNSW search stays on the CPU", stacklevel=3)
+            return index
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            warnings.warn(
+                "use_gpu=True, but this faiss build has no GPU support or sees no GPU; searching on the CPU "
+                "(backend='torch' searches on the index's device without faiss)",
+                stacklevel=3,
+            )
+            return index
+        self._gpu_resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
+
+    def _cpu_faiss(self):
+        import faiss
+
+        return faiss.index_gpu_to_cpu(self._faiss) if self._gpu_resources is not None else self._faiss
+
+    # ------------------------------------------------------------------------------------------------ search
+
+    def _stage_one(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense scores and rows (B, k) of the best entities by the dense part; row -1 where the search found fewer."""
+        if self._vectors is not None:
+            return self._torch_search(queries, k)
+        if self.backend == "hnsw":  # HNSW returns at most efSearch results
+            self._faiss.hnsw.efSearch = max(self.hnsw_ef_search, k)
+        scores, rows = self._faiss.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
+        device = self.index.device
+        return torch.from_numpy(scores).to(device), torch.from_numpy(rows).to(device)
+
+    def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = queries.to(self._vectors.device)
+        block = max(k, self.memory_budget_bytes // (4 * queries.shape[0]))
+        best_scores = best_rows = None
+        for start in range(0, self._vectors.shape[0], block):
+            scores = queries @ self._vectors[start : start + block].T  # (B, block)
+            scores, rows = scores.topk(min(k, scores.shape[1]), dim=1)
+            rows += start
+            if best_scores is not None:
+                scores, rows = torch.cat([best_scores, scores], dim=1), torch.cat([best_rows, rows], dim=1)
+                scores, order = scores.topk(k, dim=1)
+                rows = rows.gather(1, order)
+            best_scores, best_rows = scores, rows
+        return best_scores, best_rows
+
+    def _check_mentions(self, mention_features: M3ELFeatures) -> None:
+        if mention_features.text_embeds is None or mention_features.text_embeds.shape[0] == 0:
+            raise ValueError("no mentions to retrieve for (a batch of 0)")
+
+    @torch.no_grad()
+    def candidates(
+        self, mention_features: M3ELFeatures, k_candidates: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Stage 1 alone: dense scores and entity rows (B, K) of each mention's K candidates, best first
+        (row -1 where an approximate search found fewer than K).
+        """
+        self._check_mentions(mention_features)
+        k = self.k_candidates if k_candidates is None else self._clipped_k(k_candidates, len(self.index))
+        return self._stage_one(dense_mention_vectors(self.model, mention_features), k)
+
+    @torch.no_grad()
+    def search(
+        self, mention_features: M3ELFeatures, k: int = 10, k_candidates: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[list[str | None]]]:
+        """
+        Top-k entities per mention after exact re-scoring of the K candidates: (scores (B, k), entity rows (B, k),
+        entity ids [[...]]), like `EntityIndex.topk`. k is clipped to K (only candidates are ranked). A slot an
+        approximate search left empty has score -inf, row -1 and id None.
+        """
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        self._check_mentions(mention_features)
+        num_candidates = self.k_candidates if k_candidates is None else self._clipped_k(k_candidates, len(self.index))
+        mentions = self.model.prepare_mentions(mention_features)
+        _, candidate_rows = self._stage_one(dense_mention_vectors_prepared(mentions), num_candidates)  # (B, K)
+        found = candidate_rows >= 0
+        # Empty slots re-score a real candidate (the mention's first) and are then set to -inf.
+        filled = torch.where(found, candidate_rows, candidate_rows[:, :1].clamp(min=0))
+        exact = self.index.score_prepared_candidates(self.model, mentions, filled, self.memory_budget_bytes)
+        exact = exact.float().masked_fill(~found, float("-inf"))  # (B, K)
+        scores, order = exact.topk(min(k, num_candidates), dim=1)
+        rows = candidate_rows.gather(1, order)
+        ids = [[self.index.entity_ids[r] if r >= 0 else None for r in row] for row in rows.tolist()]
+        return scores, rows, ids
+
+    @torch.no_grad()
+    def candidate_recall(
+        self,
+        mention_features: M3ELFeatures,
+        k_candidates: int | None = None,
+        exact_top1_rows: torch.Tensor | None = None,
+        **ranker_kwargs,
+    ) -> CandidateRecall:
+        """
+        How often the exact top-1 entity (`EntityIndex.topk(k=1)` over the whole KB) is among the K candidates of
+        stage 1. `exact_top1_rows` (B,): pass them when already known (they cost a full exact ranking);
+        `ranker_kwargs` go to `EntityIndex.topk` otherwise. With ties for the top score, the entity `topk` picks
+        is the one looked for.
+        """
+        self._check_mentions(mention_features)
+        if exact_top1_rows is None:
+            _, exact_top1_rows, _ = self.index.topk(self.model, mention_features, k=1, **ranker_kwargs)
+        exact_top1_rows = exact_top1_rows.reshape(-1).to(self.index.device)
+        num_mentions = mention_features.text_embeds.shape[0]
+        if exact_top1_rows.shape[0] != num_mentions:
+            raise ValueError(f"{exact_top1_rows.shape[0]} exact top-1 rows for {num_mentions} mentions")
+        k = self.k_candidates if k_candidates is None else self._clipped_k(k_candidates, len(self.index))
+        _, rows = self.candidates(mention_features, k)
+        found = (rows == exact_top1_rows[:, None]).any(dim=1).cpu()
+        hits = int(found.sum())
+        return CandidateRecall(recall=hits / num_mentions, hits=hits, count=num_mentions, k_candidates=k, found=found)
+
+    # --------------------------------------------------------------------------------------------- save/load
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """
+        Write the stage-1 index (`entity_index.faiss`; nothing for the "torch" backend, which rebuilds from the
+        entity index in seconds) and `retriever.json` into `folder`, next to the entity index's files.
+        """
+        os.makedirs(folder, exist_ok=True)
+        if self._faiss is not None:
+            import faiss
+
+            faiss.write_index(self._cpu_faiss(), os.path.join(folder, RETRIEVER_FAISS))
+        meta = {
+            "format": RETRIEVER_FORMAT,
+            "fingerprint": self.index.fingerprint,
+            "num_entities": len(self.index),
+            "dim": self.dim,
+            "backend": self.backend,
+            "k_candidates": self.k_candidates,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "hnsw_ef_construction": self.hnsw_ef_construction,
+            "hnsw_ef_search": self.hnsw_ef_search,
+        }
+        with open(os.path.join(folder, RETRIEVER_META), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, index: EntityIndex, model: M3ELModel, **overrides) -> "TwoStageRetriever":
+        """
+        Load a retriever saved with `save` for `index` (refused, StaleIndexError, when saved for an index of another
+        model). `overrides`: constructor arguments to change, e.g. `use_gpu`, `k_candidates`, `nprobe`.
+        """
+        meta_path = os.path.join(folder, RETRIEVER_META)
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"no retriever in {folder}: {RETRIEVER_META} is missing")
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if meta.get("format") != RETRIEVER_FORMAT:
+            raise ValueError(
+                f"{meta_path}: retriever format {meta.get('format')!r}, this code reads {RETRIEVER_FORMAT}"
+            )
+        if meta["fingerprint"] != index.fingerprint or meta["num_entities"] != len(index):
+            raise StaleIndexError(
+                f"the retriever in {folder} was built for another entity index (fingerprint {meta['fingerprint']}, "
+                f"{meta['num_entities']} entities); rebuild it with TwoStageRetriever(index, model)"
+            )
+        names = ("backend", "k_candidates", "nlist", "nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
+        arguments = {key: meta[key] for key in names}
+        arguments.update(overrides)
+        if arguments["backend"] == meta["backend"] != "torch":
+            import faiss
+
+            arguments["faiss_index"] = faiss.read_index(os.path.join(folder, RETRIEVER_FAISS))
+        return cls(index, model, **arguments)
+
+
+__all__ = [
+    "CandidateRecall",
+    "TwoStageRetriever",
+    "dense_entity_vectors",
+    "dense_mention_vectors",
+    "dense_mention_vectors_prepared",
+]

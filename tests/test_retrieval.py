@@ -1,0 +1,355 @@
+"""Candidate scoring and two-stage retrieval: candidate scores are the all-pairs scores, the dense vectors are the
+score minus its G2L parts, and two-stage retrieval with K = the KB size is exact ranking."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_m3el import M3ELFeatures, M3ELModel
+from modeling_m3el.index_m3el import EntityIndex, StaleIndexError
+from modeling_m3el.retrieval import (
+    RETRIEVER_FAISS,
+    RETRIEVER_META,
+    TwoStageRetriever,
+    dense_entity_vectors,
+    dense_mention_vectors,
+)
+from modeling_m3el.tiny import tiny_config, tiny_processor
+
+MODES = ("text_to_image", "bidirectional")
+NUM_ENTITIES = 37  # not a multiple of anything used below
+BRANCH_LOGITS = ("logits", "text_logits", "image_logits", "text_to_image_logits", "image_to_text_logits")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return tiny_processor(words=("river", "bank", "city"))
+
+
+def _model(processor, mode, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = M3ELModel(tiny_config(processor, cross_modal=mode, **overrides)).eval()
+    with torch.no_grad():  # LayerNorms away from their identity initialisation, so that they matter
+        for name, param in model.named_parameters():
+            if "norm" in name and not name.startswith("clip."):
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def _features(model, count, seed, dtype=torch.float32) -> M3ELFeatures:
+    """Random features of the shapes `model.encode` makes (the scores do not care where features come from)."""
+    config = model.config
+    vision = config.clip_config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    return M3ELFeatures(
+        text_embeds=randn(count, config.clip_config.projection_dim),
+        text_tokens=randn(count, config.text_max_length, config.clip_config.text_config.hidden_size),
+        image_embeds=randn(count, config.matching_dim),
+        image_tokens=randn(count, tokens, config.matching_dim),
+    )
+
+
+def _kb(model, count=NUM_ENTITIES, seed=0, dtype=torch.float32):
+    features = _features(model, count, seed, dtype)
+    return features, EntityIndex.from_features(model, features, [f"Q{i}" for i in range(count)])
+
+
+def _candidate_rows(num_mentions, num_candidates, num_entities, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, num_entities, (num_mentions, num_candidates), generator=generator)
+    rows[0, : min(2, num_candidates)] = 5  # the same entity twice among one mention's candidates
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ candidate scoring
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_candidate_scores_equal_all_pairs(processor, mode, dtype, tolerance):
+    model = _model(processor, mode).to(dtype)
+    entities, mentions = _features(model, NUM_ENTITIES, 0, dtype), _features(model, 4, 1, dtype)
+    with torch.no_grad():
+        prepared_mentions, prepared_entities = model.prepare_mentions(mentions), model.prepare_entities(entities)
+        all_pairs = model.score_prepared(prepared_mentions, prepared_entities)
+        for num_candidates in (1, 6, NUM_ENTITIES):
+            rows = _candidate_rows(4, num_candidates, NUM_ENTITIES)
+            gathered = {b: {k: t[rows] for k, t in part.items()} for b, part in prepared_entities.items()}
+            candidates = model.score_prepared_candidates(prepared_mentions, gathered)
+            for name in BRANCH_LOGITS:
+                expected, got = getattr(all_pairs, name), getattr(candidates, name)
+                if expected is None:
+                    assert got is None
+                    continue
+                assert got.shape == (4, num_candidates) and got.dtype == dtype
+                torch.testing.assert_close(got, expected.gather(1, rows), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("memory_budget_bytes", [1, 50_000, 2**30])  # per candidate, per mention group, all at once
+def test_index_score_candidates_equal_index_scores(processor, mode, memory_budget_bytes):
+    model = _model(processor, mode)
+    _, index = _kb(model)
+    mentions = _features(model, 5, 1)
+    scores = index.scores(model, mentions)
+    rows = _candidate_rows(5, 9, NUM_ENTITIES)
+    candidates = index.score_candidates(model, mentions, rows, memory_budget_bytes=memory_budget_bytes)
+    torch.testing.assert_close(candidates, scores.gather(1, rows), rtol=1e-5, atol=1e-5)
+    # One mention alone, one candidate.
+    single = index.score_candidates(model, M3ELFeatures(**{k: v[2:3] for k, v in mentions.items()}), rows[2:3, 4:5])
+    torch.testing.assert_close(single, scores[2:3].gather(1, rows[2:3, 4:5]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_index_runs_each_layer_norm_in_one_dtype(processor, dtype, monkeypatch):
+    # CUDA's LayerNorm refuses an input whose dtype differs from its parameters' (CPU's accepts it): a half-precision
+    # index scored by a float32 model must not depend on the CPU's leniency, in both scoring paths.
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 3, 1)
+    layer_norm = torch.nn.functional.layer_norm
+
+    def strict_layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        assert weight is None or x.dtype == weight.dtype, f"LayerNorm of {x.dtype} with {weight.dtype} parameters"
+        return layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", strict_layer_norm)
+    half = index.to(dtype=dtype)
+    scores = half.scores(model, mentions)
+    assert scores.dtype == dtype
+    rows = _candidate_rows(3, 5, NUM_ENTITIES)
+    candidates = half.score_candidates(model, mentions, rows)
+    torch.testing.assert_close(candidates, scores.gather(1, rows), rtol=0.02, atol=0.1)
+    monkeypatch.undo()
+    torch.testing.assert_close(scores.float(), index.scores(model, mentions), rtol=0.05, atol=0.3)
+
+
+def test_candidate_scoring_errors(processor):
+    model = _model(processor, "text_to_image")
+    _, index = _kb(model)
+    mentions = _features(model, 3, 1)
+    with pytest.raises(ValueError, match="a batch of 0"):
+        index.score_candidates(model, M3ELFeatures(**{k: v[:0] for k, v in mentions.items()}), torch.zeros(0, 2).long())
+    with pytest.raises(ValueError, match=r"shape \(3, K\)"):
+        index.score_candidates(model, mentions, torch.zeros(2, 4).long())
+    with pytest.raises(ValueError, match="K >= 1"):
+        index.score_candidates(model, mentions, torch.zeros(3, 0).long())
+    with pytest.raises(TypeError, match="LongTensor"):
+        index.score_candidates(model, mentions, torch.zeros(3, 4))
+    with pytest.raises(IndexError, match=r"\[0, 37\)"):
+        index.score_candidates(model, mentions, torch.full((3, 4), NUM_ENTITIES))
+    prepared = model.prepare_mentions(mentions)
+    with pytest.raises(ValueError, match="gathered per mention"):
+        model.score_prepared_candidates(prepared, index._prepared(0, 5))  # (E, ...) tensors, not (B, K, ...)
+
+
+def test_from_inputs_equals_build(processor):
+    model = _model(processor, "bidirectional")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)) if i % 3 else None for i in range(7)]
+    kb = [{"id": f"Q{i}", "name": f"city {i}", "description": "river bank", "image": images[i]} for i in range(7)]
+    built = EntityIndex.build(model, processor, kb, batch_size=3, progress=False)
+    inputs = processor.process_entities([e["name"] for e in kb], [e["description"] for e in kb], images)
+    from_inputs = EntityIndex.from_inputs(model, inputs, [e["id"] for e in kb], batch_size=2)
+    assert from_inputs.entity_ids == built.entity_ids and from_inputs.fingerprint == built.fingerprint
+    for name, tensor in built.tensors.items():
+        torch.testing.assert_close(from_inputs.tensors[name], tensor, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="empty KB"):
+        EntityIndex.from_inputs(model, inputs, [])
+
+
+# ---------------------------------------------------------------------------------------------- dense vectors
+
+
+def _global_to_local_part(model, mentions, entities):
+    """(g2l_text / 2 + g2l_image / 2) / num_branches, from the model's intra-modal blocks."""
+    prepared_mentions, prepared_entities = model.prepare_mentions(mentions), model.prepare_entities(entities)
+    part = 0.0
+    for name, block in (("text", model.text_matching), ("image", model.image_matching)):
+        if block is not None:
+            part = part + block.global_to_local(prepared_mentions[name], prepared_entities[name]) / 2
+    return part / len(model.config.branches)
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides"),
+    [
+        ("text_to_image", {}),
+        ("bidirectional", {}),
+        ("bidirectional", {"use_text_matching": False}),
+        ("text_to_image", {"use_image_matching": False, "use_cross_modal_matching": False}),
+    ],
+)
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-6)])
+def test_dense_dot_product_is_the_score_minus_global_to_local(processor, mode, overrides, dtype, tolerance):
+    model = _model(processor, mode, **overrides).to(dtype)
+    entities, index = _kb(model, dtype=dtype)
+    mentions = _features(model, 6, 1, dtype)
+    with torch.no_grad():
+        scores = model.score(mentions, entities)
+        expected = scores.logits - _global_to_local_part(model, mentions, entities)
+        dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index).T
+    # The dense vectors are float32 (what faiss takes), so float64 models agree to float32 precision.
+    assert dense.dtype == torch.float32
+    torch.testing.assert_close(dense.to(dtype), expected, rtol=tolerance, atol=tolerance)
+    # And, branch by branch, the dense part is G2G halves plus the cross-modal scores, averaged over branches.
+    expected_from_branches = 0.0
+    g2l = {}
+    with torch.no_grad():
+        prepared_mentions, prepared_entities = model.prepare_mentions(mentions), model.prepare_entities(entities)
+        for name, block in (("text", model.text_matching), ("image", model.image_matching)):
+            if block is not None:
+                g2l[name] = block.global_to_local(prepared_mentions[name], prepared_entities[name])
+    for name in ("text", "image"):
+        if name in g2l:
+            expected_from_branches = expected_from_branches + getattr(scores, f"{name}_logits") - g2l[name] / 2
+    for name in ("text_to_image", "image_to_text"):
+        if getattr(scores, f"{name}_logits") is not None:
+            expected_from_branches = expected_from_branches + getattr(scores, f"{name}_logits")
+    expected_from_branches = expected_from_branches / len(model.config.branches)
+    torch.testing.assert_close(dense.to(dtype), expected_from_branches, rtol=tolerance, atol=tolerance)
+
+
+# ------------------------------------------------------------------------------------------ two-stage retrieval
+
+EXHAUSTIVE = {
+    "flat": {},
+    "ivf": {"nlist": 4, "nprobe": 4},  # every cell searched
+    "hnsw": {"hnsw_m": 8, "hnsw_ef_search": NUM_ENTITIES},  # a search breadth of the whole KB visits every entity
+    "torch": {},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", list(EXHAUSTIVE))
+def test_two_stage_with_k_the_kb_size_is_exact_ranking(processor, mode, backend):
+    model = _model(processor, mode)
+    _, index = _kb(model)
+    mentions = _features(model, 6, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=NUM_ENTITIES, backend=backend, **EXHAUSTIVE[backend])
+    expected_scores, expected_rows, expected_ids = index.topk(model, mentions, k=10)
+    scores, rows, ids = retriever.search(mentions, k=10)
+    assert torch.equal(rows, expected_rows) and ids == expected_ids
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    # The whole ranking, not only its head.
+    scores, rows, _ = retriever.search(mentions, k=NUM_ENTITIES)
+    exact = index.scores(model, mentions)
+    assert torch.equal(rows, exact.topk(NUM_ENTITIES, dim=1).indices)
+    assert retriever.candidate_recall(mentions).recall == 1.0
+
+
+def test_recall_report_counts_the_exact_top1_among_the_candidates(processor):
+    model = _model(processor, "text_to_image")
+    _, index = _kb(model)
+    mentions = _features(model, 3, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=4)
+    _, candidates = retriever.candidates(mentions)
+    assert candidates.shape == (3, 4)
+    outside = next(r for r in range(NUM_ENTITIES) if r not in candidates[2].tolist())
+    # Exact top-1 rows made up: the first candidate, the last (K-th) candidate, and an entity outside the K.
+    made_up = torch.tensor([candidates[0, 0], candidates[1, 3], outside])
+    report = retriever.candidate_recall(mentions, exact_top1_rows=made_up)
+    assert (report.hits, report.count, report.k_candidates) == (2, 3, 4)
+    assert report.recall == pytest.approx(2 / 3)
+    assert report.found.tolist() == [True, True, False]
+
+
+def test_recall_against_brute_force_when_global_to_local_dominates(processor):
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    # Entity-side G2L projections scaled up: the exact order now follows G2L, which stage 1 does not see.
+    index.tensors["text.global"] = index.tensors["text.global"] * 10
+    mentions = _features(model, 24, 1)
+    exact_top1 = index.scores(model, mentions).argmax(dim=1)
+    dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index).T
+    recalls = []
+    for k in (1, 5, 20, NUM_ENTITIES):
+        brute = (dense.topk(k, dim=1).indices == exact_top1[:, None]).any(dim=1)
+        report = TwoStageRetriever(index, model, k_candidates=k, check_model=False).candidate_recall(mentions)
+        assert report.found.tolist() == brute.tolist()
+        assert report.recall == pytest.approx(brute.float().mean().item())
+        recalls.append(report.recall)
+    assert 0 < recalls[0] < recalls[1] < recalls[2] < recalls[3] == 1.0  # a case where K matters
+
+
+def test_two_stage_finds_the_top_entities_of_the_candidates(processor):
+    # With K < E the result is the exact ranking of the K candidates the first stage returned.
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 5, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=8, backend="torch")
+    _, candidates = retriever.candidates(mentions)
+    exact = index.scores(model, mentions).gather(1, candidates)
+    scores, rows, _ = retriever.search(mentions, k=3)
+    torch.testing.assert_close(scores, exact.topk(3, dim=1).values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows, candidates.gather(1, exact.topk(3, dim=1).indices))
+    assert retriever.search(mentions, k=50)[0].shape == (5, 8)  # k clipped to K
+
+
+def test_retrieval_errors(processor):
+    model = _model(processor, "text_to_image")
+    _, index = _kb(model)
+    mentions = _features(model, 3, 1)
+    no_mentions = M3ELFeatures(**{k: v[:0] for k, v in mentions.items()})
+    empty = EntityIndex.__new__(EntityIndex)  # EntityIndex itself refuses 0 entities; the retriever checks again
+    empty.tensors, empty.entity_ids, empty.fingerprint = {k: v[:0] for k, v in index.tensors.items()}, [], ""
+    with pytest.raises(ValueError, match="empty KB"):
+        TwoStageRetriever(empty, model)
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="k_candidates must be positive"):
+            TwoStageRetriever(index, model, k_candidates=k)
+    with pytest.raises(ValueError, match="unknown backend 'annoy'"):
+        TwoStageRetriever(index, model, backend="annoy")
+    retriever = TwoStageRetriever(index, model, k_candidates=10**6)
+    assert retriever.k_candidates == NUM_ENTITIES  # K beyond the KB: the whole KB
+    for call in (retriever.search, retriever.candidates, retriever.candidate_recall):
+        with pytest.raises(ValueError, match="a batch of 0"):
+            call(no_mentions)
+    with pytest.raises(ValueError, match="k must be positive"):
+        retriever.search(mentions, k=0)
+    with pytest.raises(ValueError, match="k_candidates must be positive"):
+        retriever.candidates(mentions, k_candidates=0)
+    other = _model(processor, "text_to_image", seed=1)
+    with pytest.raises(StaleIndexError):
+        TwoStageRetriever(index, other)
+
+
+def test_use_gpu_without_faiss_gpu_warns_and_searches_on_cpu(processor):
+    faiss = pytest.importorskip("faiss")
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss sees a GPU here")
+    model = _model(processor, "text_to_image")
+    _, index = _kb(model)
+    with pytest.warns(UserWarning, match="no GPU support"):
+        retriever = TwoStageRetriever(index, model, k_candidates=NUM_ENTITIES, use_gpu=True)
+    mentions = _features(model, 2, 1)
+    assert torch.equal(retriever.search(mentions, k=5)[1], index.topk(model, mentions, k=5)[1])
+
+
+@pytest.mark.parametrize("backend", ["ivf", "torch"])
+def test_save_load_round_trip(processor, tmp_path, backend):
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 4, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=6, backend=backend, nlist=5, nprobe=2)
+    index.save(tmp_path)
+    retriever.save(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert RETRIEVER_META in files and (RETRIEVER_FAISS in files) == (backend != "torch")
+    loaded = TwoStageRetriever.load(tmp_path, EntityIndex.load(tmp_path, model), model)
+    assert (loaded.backend, loaded.k_candidates, loaded.nlist, loaded.nprobe) == (backend, 6, 5, 2)
+    assert torch.equal(loaded.candidates(mentions)[1], retriever.candidates(mentions)[1])
+    assert torch.equal(loaded.search(mentions, k=3)[1], retriever.search(mentions, k=3)[1])
+    # A retriever saved for another index is refused.
+    meta = json.loads((tmp_path / RETRIEVER_META).read_text())
+    (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, fingerprint="0" * 32)))
+    with pytest.raises(StaleIndexError, match="another entity index"):
+        TwoStageRetriever.load(tmp_path, index, model)
