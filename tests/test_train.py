@@ -118,3 +118,18 @@ def test_killed_run_resumes_to_the_same_result(demo, tmp_path):
     assert json.loads((killed / "test_results.json").read_text()) == json.loads(
         (tmp_path / "straight" / "test_results.json").read_text()
     )
+
+
+def test_lora_run_exports_merged_weights(demo, tmp_path):
+    out = tmp_path / "lora"
+    launch(["--dataset_dir", demo, "--output_dir", str(out), "--num_epochs", "1", "--max_train_steps", "3",
+            "--lora", "true", "--lora_r", "4", "--lora_alpha", "8", *SMALL])
+    exported = load_file(out / "model" / "model.safetensors")
+    assert not [name for name in exported if "lora" in name or "base_model" in name]
+    from modeling_m3el import M3ELModel
+
+    reference = M3ELModel.from_pretrained(out / "model")  # loads strictly: the plain M3EL layout
+    assert set(reference.state_dict()) >= set(exported)
+    # During training the adapters, not CLIP's own weights, changed: the checkpoint holds LoRA weights.
+    checkpoint = _checkpoint_weights(out, 3)
+    assert any("lora_A" in name for name in checkpoint) and any("lora_B" in name for name in checkpoint)
