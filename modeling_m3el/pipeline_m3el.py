@@ -4,7 +4,6 @@ import json
 import os
 import warnings
 
-import torch
 from transformers import Pipeline
 
 from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, model_fingerprint

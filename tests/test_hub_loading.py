@@ -2,10 +2,7 @@
 import this package, offline, and gives the same scores; `from_clip` starts from a local pretrained CLIP."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,23 +11,18 @@ import torch
 from PIL import Image
 from transformers import CLIPModel
 
+from conftest import run_without_package
 from modeling_m3el import M3ELModel
 from modeling_m3el.tiny import tiny_clip_config, tiny_processor, tiny_config
 
 HUB_FILES = {"configuration_m3el.py", "modeling_m3el.py", "processing_m3el.py"}
 
-# Run in a fresh interpreter: blocks any import of this package (an editable install makes it importable
-# everywhere), loads the folder offline through the Auto classes and prints the logits as JSON.
+# Run by `run_without_package` (a fresh offline interpreter where this package cannot be imported): loads the
+# folder through the Auto classes and prints the logits as JSON.
 FRESH_PROCESS_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json
 
-    class BlockPackage(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "modeling_m3el" or name.startswith("modeling_m3el."):
-                raise ImportError("modeling_m3el is blocked in this process")
-
-    sys.meta_path.insert(0, BlockPackage())
     try:
         import modeling_m3el
     except ImportError:
@@ -91,13 +83,7 @@ def saved(request, tmp_path_factory):
 
 
 def run_fresh(folder, dtype: str, query: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, str(folder), dtype, json.dumps(query)],
-        capture_output=True, text=True, env=env, cwd=folder.parent, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_without_package(FRESH_PROCESS_SCRIPT, str(folder), dtype, json.dumps(query), cwd=folder.parent)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

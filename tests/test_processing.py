@@ -1,7 +1,6 @@
 """M3ELProcessor: texts and images exactly as SPEC section 1, every image source, and no silent image failures."""
 
 import base64
-import io
 import warnings
 
 import numpy as np

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from modeling_m3el.cli import main
