@@ -13,7 +13,17 @@ import contextlib
 
 import torch
 
-from common import DTYPES, add_common_arguments, build_model, machine, markdown_table, synchronize, timed, write_json
+from common import (
+    DTYPES,
+    add_common_arguments,
+    apply_threads,
+    build_model,
+    machine,
+    markdown_table,
+    synchronize,
+    timed,
+    write_json,
+)
 
 
 def random_batch(model, batch: int, device, generator: torch.Generator) -> dict:
@@ -72,6 +82,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precisions", default="float32,bfloat16")
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     if args.check:
         args.model, args.batch, args.steps, args.warmup = "tiny", 8, 3, 1
     results = [
