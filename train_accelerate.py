@@ -430,7 +430,10 @@ def main(argv=None):
 
     # 7. Train, evaluating on dev every few epochs, keeping the best model by dev MRR.
     best_dir = os.path.join(config.output_dir, "best_model")
-    stop = False
+    # A resumed run that had already stopped early (or reached max_train_steps) goes straight to the test.
+    stop = state.evaluations_without_improvement >= config.early_stopping_patience or bool(
+        config.max_train_steps and state.global_step >= config.max_train_steps
+    )
     progress = tqdm(total=config.num_epochs * steps_per_epoch, initial=state.global_step, desc="Training",
                     disable=not accelerator.is_local_main_process)
     model.train()
