@@ -1,0 +1,61 @@
+"""Recall of two-stage retrieval on a trained model: how often the exact top-1 of a test mention is among the K
+first-stage candidates, for K at most 2% of the KB (issue target: at least 99.5% of test mentions).
+
+    accelerate launch train_accelerate.py                                   # the demo model, in m3el-demo/model
+    python benchmarks/demo_candidate_recall.py --model m3el-demo/model --data m3el-demo-data
+"""
+
+import argparse
+import math
+import os
+
+import torch
+
+from common import markdown_table, write_json
+
+from modeling_m3el import M3ELModel, M3ELProcessor
+from modeling_m3el.data import load_benchmark
+from modeling_m3el.demo import DEMO_MANIFEST
+from modeling_m3el.evaluation import index_rows
+from modeling_m3el.index_m3el import EntityIndex
+from modeling_m3el.retrieval import TwoStageRetriever
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a trained M3EL folder")
+    parser.add_argument("--data", required=True, help="its benchmark folder")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--fractions", default="0.005,0.01,0.02", help="K as fractions of the KB")
+    parser.add_argument("--backends", default="flat,hnsw")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    model = M3ELModel.from_pretrained(args.model).eval()
+    processor = M3ELProcessor.from_pretrained(args.model)
+    benchmark = load_benchmark(args.data, splits=[args.split])
+    if os.path.isfile(os.path.join(args.data, DEMO_MANIFEST)):
+        benchmark.name = "m3el-demo"
+    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
+    mentions = benchmark.splits[args.split]
+    with torch.no_grad():
+        inputs = processor.process_mentions(mentions["mention"], mentions["sentence"], mentions["image"])
+        features = model.encode(**inputs)
+    exact_top1 = index.topk(model, features, k=1)[1][:, 0]
+    rows, results = [], []
+    for backend in args.backends.split(","):
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            k = max(1, math.floor(fraction * len(index)))
+            retriever = TwoStageRetriever(index, model, k_candidates=k, backend=backend)
+            recall = retriever.candidate_recall(features, exact_top1_rows=exact_top1)
+            results.append({"backend": backend, "k": k, "fraction": fraction, "recall": recall.recall,
+                            "hits": recall.hits, "count": recall.count})
+            rows.append([backend, f"{k} ({100 * k / len(index):.1f}%)", f"{100 * recall.recall:.1f}%",
+                         f"{recall.hits}/{recall.count}"])
+    print(f"{args.model} on {benchmark.name} {args.split}: {len(mentions)} mentions, {len(index)} entities")
+    print(markdown_table(["stage 1", "K", "exact top-1 among the K", "mentions"], rows))
+    write_json(args.json, {"model": args.model, "data": args.data, "results": results})
+
+
+if __name__ == "__main__":
+    main()
