@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The three benchmarks at ViT-B/32 sizes on one GPU, each under a time limit: about 4 minutes expected, 9 at most
-# (an H100 or H200; see benchmarks/README.md, "GPU", for the device-tool call that runs this).
+# `bash benchmarks/run_gpu.sh` (or `... ranking`): the three KB-scale benchmarks at ViT-B/32 sizes on one GPU, each
+# under a time limit: about 4 minutes expected, 9 at most (an H100 or H200; see benchmarks/README.md, "GPU", for the
+# device-tool call that runs this). `bash benchmarks/run_gpu.sh training`: the training step (issue 3's check),
+# B/32, batch 128, fp32 and bf16 autocast, 3 minutes at most. Two device calls, each within the 10-minute limit.
 # Tables go to $OUT/tables.md, results to $OUT/*.json ($OUT: set by the device tool; else benchmarks/gpu_results).
 # Wheels found in .whl/ (faiss-cpu; transformers >= 5.24 where the machine's image has an older one) are installed
 # into /tmp/site first.
@@ -35,6 +37,12 @@ bench() {  # bench NAME LABEL LIMIT_SECONDS ARGS...
     status=1
   fi
 }
+
+if [ "${1:-ranking}" = training ]; then
+  # Both CLIP passes, the matcher, the loss, backward and AdamW; 100 timed steps per precision after 5 warm-up steps.
+  bench bench_training training_b32_batch128 180 --model b32 --batch 128 --steps 100 --warmup 5
+  exit $status
+fi
 
 # (a) Exact ranking at WikiMEL's KB size: 256 mentions for the exact ranker (fp32 and bf16), 40 for the naive loop.
 bench bench_exact_ranking exact_ranking_110k 150 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40
