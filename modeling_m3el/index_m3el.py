@@ -46,6 +46,15 @@ def model_fingerprint(model: M3ELModel) -> str:
     return digest.hexdigest()
 
 
+def _add_prepared(parts: dict[str, list[torch.Tensor]], model: M3ELModel, features: M3ELFeatures, **to) -> None:
+    """Append `model.prepare_entities(features)` to `parts`, flattened to `"{branch}.{name}"`, moved with `to`
+    (a `dtype` of None keeps each tensor's)."""
+    dtype = to.pop("dtype", None)
+    for branch, part in model.prepare_entities(features).items():
+        for name, tensor in part.items():
+            parts.setdefault(f"{branch}.{name}", []).append(tensor.to(dtype=dtype or tensor.dtype, **to))
+
+
 class EntityIndex:
     """
     Everything M3EL's score needs from the entities of a KB, and nothing more: the outputs of
@@ -131,10 +140,7 @@ class EntityIndex:
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, num_entities, step):
             batch = M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()})
-            for branch, part in model.prepare_entities(batch).items():
-                for name, tensor in part.items():
-                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-                    parts.setdefault(f"{branch}.{name}", []).append(tensor)
+            _add_prepared(parts, model, batch, device=device, dtype=dtype)
         tensors = {name: torch.cat(pieces) if len(pieces) > 1 else pieces[0] for name, pieces in parts.items()}
         return cls(tensors, entity_ids, model_fingerprint(model))
 
@@ -169,11 +175,7 @@ class EntityIndex:
             batches = tqdm(batches, desc="Indexing entities", unit="batch")
         for start in batches:
             batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
-            features = model.encode(**batch, side="entity")
-            for branch, part in model.prepare_entities(features).items():
-                for name, tensor in part.items():
-                    tensor = tensor.to(device=device, dtype=dtype or tensor.dtype)
-                    parts.setdefault(f"{branch}.{name}", []).append(tensor)
+            _add_prepared(parts, model, model.encode(**batch, side="entity"), device=device, dtype=dtype)
         tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
         return cls(tensors, [str(e) for e in entity_ids], model_fingerprint(model))
 
@@ -221,10 +223,7 @@ class EntityIndex:
                 [e.get("image") for e in chunk],
                 image_names=[f"entity {e['id']!r} image {e.get('image')!r}" for e in chunk],
             ).to(model_device)
-            features = model.encode(**inputs, side="entity")
-            for branch, part in model.prepare_entities(features).items():
-                for name, tensor in part.items():
-                    parts.setdefault(f"{branch}.{name}", []).append(tensor.to(dtype or tensor.dtype))
+            _add_prepared(parts, model, model.encode(**inputs, side="entity"), dtype=dtype)
         if not parts:  # this process's share is empty (more processes than entities): shapes from one entity
             probe = cls.build(model, processor, entities[:1], batch_size=1, dtype=dtype, progress=False)
             parts = {name: [tensor[:0].to(model_device)] for name, tensor in probe.tensors.items()}
