@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .index_m3el import EntityIndex
+from .index_m3el import EntityIndex, gather_shares
 from .modeling_m3el import M3ELModel
 
 RANKING_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "m3el_ranking")
@@ -63,9 +63,7 @@ def gold_ranks(
         local.append(index.rank(model, features, rows["answer"]).cpu())
     local = torch.cat(local) if local else torch.zeros(0, dtype=torch.long)
     if world > 1:
-        padded = torch.zeros(share, dtype=torch.long, device=accelerator.device)
-        padded[: local.shape[0]] = local.to(accelerator.device)
-        local = accelerator.gather(padded).cpu()[:total]
+        local = gather_shares(accelerator, local, share, total).cpu()
     return local.numpy()
 
 

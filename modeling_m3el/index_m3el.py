@@ -55,6 +55,16 @@ def _add_prepared(parts: dict[str, list[torch.Tensor]], model: M3ELModel, featur
             parts.setdefault(f"{branch}.{name}", []).append(tensor.to(dtype=dtype or tensor.dtype, **to))
 
 
+def gather_shares(accelerator, tensor: torch.Tensor, share: int, total: int) -> torch.Tensor:
+    """
+    Every process holds rows [rank * share, (rank + 1) * share) of `total` rows (the last shares may be short or
+    empty): pad each to `share` rows, gather in rank order, cut the padding back out. Padding only ever trails.
+    """
+    padded = torch.zeros((share, *tensor.shape[1:]), dtype=tensor.dtype, device=accelerator.device)
+    padded[: tensor.shape[0]] = tensor.to(accelerator.device)
+    return accelerator.gather(padded)[:total]
+
+
 class EntityIndex:
     """
     Everything M3EL's score needs from the entities of a KB, and nothing more: the outputs of
@@ -229,13 +239,7 @@ class EntityIndex:
             parts = {name: [tensor[:0].to(model_device)] for name, tensor in probe.tensors.items()}
         tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
         if world > 1:
-            # Pad every share to the same length, gather in rank order, then cut the padding back out.
-            gathered = {}
-            for name, tensor in tensors.items():
-                padded = torch.zeros((share, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-                padded[: tensor.shape[0]] = tensor
-                gathered[name] = accelerator.gather(padded)[: len(entities)]
-            tensors = gathered
+            tensors = {name: gather_shares(accelerator, t, share, len(entities)) for name, t in tensors.items()}
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         return cls(tensors, [str(e["id"]) for e in entities], model_fingerprint(model))
 
