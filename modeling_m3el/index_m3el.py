@@ -414,28 +414,192 @@ class EntityIndex:
         tokens = [self.tensors[k].shape[1] ** 2 for k in ("text.query", "image.query") if k in self.tensors]
         return row + 3 * max(tokens, default=1) * 4
 
+    def _score_pairs(
+        self, model: M3ELModel, mentions: dict, mention_rows: torch.Tensor, entity_rows: torch.Tensor,
+        memory_budget_bytes: int,
+    ) -> torch.Tensor:
+        """
+        Exact final scores (P,) of the pairs (mention_rows[p], entity_rows[p]), mentions already prepared and on this
+        index's device and dtype. The pairs of one mention are laid out in rows of W candidates (the last row of a
+        mention padded with its first entity, whose score is dropped), so that each mention's tensors are gathered
+        once per row rather than once per pair, and scored with `score_prepared_candidates`, rows grouped to fit
+        `memory_budget_bytes`.
+        """
+        num_pairs = mention_rows.shape[0]
+        if num_pairs == 0:
+            return torch.zeros(0, dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
+        num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
+        order = torch.argsort(mention_rows, stable=True)
+        sorted_mentions = mention_rows[order]
+        counts = torch.bincount(sorted_mentions, minlength=num_mentions)
+        # W: a quarter of the mean count per mention, so padding adds at most a quarter to the work.
+        per_candidate = self._bytes_per_candidate()
+        width = -(-num_pairs // (4 * int((counts > 0).sum())))
+        width = max(1, min(width, memory_budget_bytes // per_candidate))
+        slot = torch.arange(num_pairs, device=self.device) - (torch.cumsum(counts, 0) - counts)[sorted_mentions]
+        rows_per_mention = -(-counts // width)
+        row = (torch.cumsum(rows_per_mention, 0) - rows_per_mention)[sorted_mentions] + slot // width
+        column = slot % width
+        num_rows = int(rows_per_mention.sum())
+        row_mention = torch.repeat_interleave(torch.arange(num_mentions, device=self.device), rows_per_mention)
+        grid = torch.full((num_rows, width), -1, dtype=torch.long, device=self.device)
+        grid[row, column] = entity_rows[order]
+        grid = torch.where(grid < 0, grid[:, :1], grid)
+        mention_row_bytes = sum(t[0].numel() * t.element_size() for part in mentions.values() for t in part.values())
+        group = max(1, memory_budget_bytes // (width * per_candidate + mention_row_bytes))
+        pieces = []
+        for start in range(0, num_rows, group):
+            owners = row_mention[start : start + group]
+            gathered = {b: {k: t[owners] for k, t in part.items()} for b, part in mentions.items()}
+            candidates = self._prepared_rows(grid[start : start + group])
+            logits = model.score_prepared_candidates(gathered, candidates).logits
+            pieces.append(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+        pieces = torch.cat(pieces)
+        scores = torch.empty(num_pairs, dtype=pieces.dtype, device=self.device)
+        scores[order] = pieces[row, column]
+        return scores
+
+    def _prepared_mentions(self, model: M3ELModel, mention_features: M3ELFeatures) -> tuple[dict, int]:
+        num_mentions = mention_features.text_embeds.shape[0]
+        if num_mentions == 0:
+            raise ValueError("no mentions to rank (a batch of 0)")
+        mentions = model.prepare_mentions(mention_features)
+        mentions = {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
+        return mentions, num_mentions
+
+    def _bound_chunks(self, num_mentions: int, chunk_size: int | None, memory_budget_bytes: int):
+        """Entity ranges for `score_bounds`: its float32 (B, chunk) products, bounds and masks within the budget."""
+        if chunk_size is not None and chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        step = chunk_size or max(1, min(len(self), memory_budget_bytes // (16 * 4 * num_mentions)))
+        for start in range(0, len(self), step):
+            yield start, min(start + step, len(self))
+
     @torch.no_grad()
-    def rank(self, model: M3ELModel, mention_features: M3ELFeatures, gold_entity_ids: Sequence[str], **kwargs):
+    def rank(
+        self,
+        model: M3ELModel,
+        mention_features: M3ELFeatures,
+        gold_entity_ids: Sequence[str],
+        prune: bool = True,
+        chunk_size: int | None = None,
+        memory_budget_bytes: int = 2**30,
+        stats: dict | None = None,
+    ) -> torch.Tensor:
         """
         Rank of each mention's gold entity among all entities (SPEC 6): 1 + the number of other entities whose
         score is >= the gold's (ties count against the gold).
+
+        With `prune` (the default) the result is the same, computed with less work: the gold's score is computed
+        exactly, every other entity gets cheap bounds (`M3ELModel.score_bounds`: the dot-product parts of the score
+        exactly, the G2L parts within an interval that holds for any mention), and only the entities whose bounds
+        straddle the gold's score are scored exactly. `prune=False` scores every entity (`scores`). `stats`, a dict,
+        receives `pairs` (mentions x entities) and `scored` (pairs scored exactly, the gold pairs included).
         """
         if len(gold_entity_ids) != mention_features.text_embeds.shape[0]:
             raise ValueError(f"{len(gold_entity_ids)} gold ids for {mention_features.text_embeds.shape[0]} mentions")
-        scores = self.scores(model, mention_features, **kwargs)
-        gold = self.positions(gold_entity_ids).to(scores.device)
-        gold_scores = scores.gather(1, gold[:, None])
-        return (scores >= gold_scores).sum(dim=1)
+        gold = self.positions(gold_entity_ids).to(self.device)
+        if not prune:
+            scores = self.scores(model, mention_features, chunk_size, memory_budget_bytes)
+            if stats is not None:
+                stats.update(pairs=scores.numel(), scored=scores.numel())
+            return (scores >= scores.gather(1, gold[:, None])).sum(dim=1)
+        mentions, num_mentions = self._prepared_mentions(model, mention_features)
+        everyone = torch.arange(num_mentions, device=self.device)
+        gold_scores = self._score_pairs(model, mentions, everyone, gold, memory_budget_bytes)
+        above = torch.zeros(num_mentions, dtype=torch.long, device=self.device)
+        pair_mentions, pair_entities = [], []
+        for start, stop in self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes):
+            lower, upper = model.score_bounds(mentions, self._prepared(start, stop))
+            others = torch.arange(start, stop, device=self.device)[None, :] != gold[:, None]
+            surely_above = (lower >= gold_scores[:, None]) & others
+            undecided = (upper >= gold_scores[:, None]) & others & ~surely_above
+            above += surely_above.sum(dim=1)
+            rows, columns = undecided.nonzero(as_tuple=True)
+            pair_mentions.append(rows)
+            pair_entities.append(columns + start)
+        pair_mentions, pair_entities = torch.cat(pair_mentions), torch.cat(pair_entities)
+        # The gold pairs again, scored in the same call as the undecided pairs they are compared with.
+        scores = self._score_pairs(
+            model, mentions, torch.cat([everyone, pair_mentions]), torch.cat([gold, pair_entities]),
+            memory_budget_bytes,
+        )
+        gold_scores, scores = scores[:num_mentions], scores[num_mentions:]
+        above.index_add_(0, pair_mentions, (scores >= gold_scores[pair_mentions]).long())
+        if stats is not None:
+            stats.update(pairs=num_mentions * len(self), scored=2 * num_mentions + pair_mentions.numel())
+        return above + 1
 
     @torch.no_grad()
-    def topk(self, model: M3ELModel, mention_features: M3ELFeatures, k: int = 10, **kwargs):
-        """Top-k entities per mention: (scores (B, k), entity rows (B, k), entity ids [[...]])."""
+    def topk(
+        self,
+        model: M3ELModel,
+        mention_features: M3ELFeatures,
+        k: int = 10,
+        prune: bool = True,
+        chunk_size: int | None = None,
+        memory_budget_bytes: int = 2**30,
+        stats: dict | None = None,
+    ):
+        """
+        Top-k entities per mention by exact score: (scores (B, k) float32, entity rows (B, k), entity ids [[...]]).
+
+        With `prune` (the default), the same top k with less work: every entity gets cheap bounds on its score
+        (`M3ELModel.score_bounds`); the k entities with the best estimate are scored exactly, the lowest of those k
+        scores is one the true top k all reach, and only the entities whose upper bound reaches it are scored
+        exactly. `prune=False` scores every entity. `stats` as in `rank`.
+        """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        scores = self.scores(model, mention_features, **kwargs)
-        values, rows = scores.float().topk(min(k, len(self)), dim=1)
-        ids = [[self.entity_ids[r] for r in row] for row in rows.tolist()]
-        return values, rows, ids
+        k = min(k, len(self))
+        if not prune:
+            scores = self.scores(model, mention_features, chunk_size, memory_budget_bytes)
+            if stats is not None:
+                stats.update(pairs=scores.numel(), scored=scores.numel())
+            values, rows = scores.float().topk(k, dim=1)
+            return values, rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
+        mentions, num_mentions = self._prepared_mentions(model, mention_features)
+        chunks = list(self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes))
+        # Pass 1: the k entities of each mention with the best estimate (the middle of the bounds), scored exactly:
+        # the k-th best of these scores is a score the true top k all reach.
+        best_middle, best_rows = None, None
+        for start, stop in chunks:
+            lower, upper = model.score_bounds(mentions, self._prepared(start, stop))
+            middle = lower.add_(upper).div_(2)
+            rows = torch.arange(start, stop, device=self.device).expand(num_mentions, -1)
+            if best_middle is not None:
+                middle, rows = torch.cat([best_middle, middle], dim=1), torch.cat([best_rows, rows], dim=1)
+            best_middle, slot = middle.topk(min(k, middle.shape[1]), dim=1)
+            best_rows = rows.gather(1, slot)
+        seeds = best_rows.reshape(-1)
+        everyone = torch.arange(num_mentions, device=self.device).repeat_interleave(k)
+        threshold = self._score_pairs(model, mentions, everyone, seeds, memory_budget_bytes)
+        threshold = threshold.view(num_mentions, k).min(dim=1).values
+        # Pass 2: exactly score every entity whose upper bound reaches that score.
+        pair_mentions, pair_entities = [], []
+        for start, stop in chunks:
+            _, upper = model.score_bounds(mentions, self._prepared(start, stop))
+            rows, columns = (upper >= threshold[:, None]).nonzero(as_tuple=True)
+            pair_mentions.append(rows)
+            pair_entities.append(columns + start)
+        pair_mentions, pair_entities = torch.cat(pair_mentions), torch.cat(pair_entities)
+        scores = self._score_pairs(model, mentions, pair_mentions, pair_entities, memory_budget_bytes)
+        if stats is not None:
+            stats.update(pairs=num_mentions * len(self), scored=everyone.numel() + pair_mentions.numel())
+        # Each mention's candidates into one row (padded with -inf), then the top k of every row.
+        order = torch.argsort(pair_mentions, stable=True)
+        pair_mentions, pair_entities, scores = pair_mentions[order], pair_entities[order], scores[order]
+        counts = torch.bincount(pair_mentions, minlength=num_mentions)
+        offsets = torch.cumsum(counts, 0) - counts
+        slots = torch.arange(pair_mentions.numel(), device=self.device) - offsets[pair_mentions]
+        width = int(counts.max())
+        padded = torch.full((num_mentions, width), float("-inf"), dtype=scores.dtype, device=self.device)
+        padded[pair_mentions, slots] = scores
+        entity_rows = torch.zeros((num_mentions, width), dtype=torch.long, device=self.device)
+        entity_rows[pair_mentions, slots] = pair_entities
+        values, slot = padded.topk(k, dim=1)
+        rows = entity_rows.gather(1, slot)
+        return values.float(), rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
 
 
 __all__ = ["EntityIndex", "StaleIndexError", "model_fingerprint"]

@@ -224,6 +224,20 @@ class M3ELIntraModalMatching(nn.Module):
         context = self.context_norm(context.to(self.context_norm.weight.dtype)).to(context.dtype)
         return (context * entity_global).sum(dim=-1)
 
+    def global_to_local_bounds(self, entity: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `(center, radius)`, of shape (E,) in float32 (float64 for a float64 index), such that `g2l[b, e]` lies in `center[e] +- radius[e]` for every
+        mention b. The context is `LN(x) = gamma * n + beta` with `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose
+        entries sum to 0 and whose norm is below sqrt(d); so `<c, LN(x)> = <c, beta> + <c * gamma - mean, n>` and
+        Cauchy-Schwarz bounds the second term by `sqrt(d) * |c * gamma - mean(c * gamma)|`, whatever x is.
+        """
+        dtype = torch.promote_types(entity["global"].dtype, torch.float32)  # float64 stays float64
+        entity_global = entity["global"].to(dtype)
+        gamma, beta = self.context_norm.weight.to(dtype), self.context_norm.bias.to(dtype)
+        scaled = entity_global * gamma
+        scaled = scaled - scaled.mean(dim=-1, keepdim=True)
+        return entity_global @ beta, scaled.norm(dim=-1) * math.sqrt(entity_global.shape[-1])
+
 
 def _pair_dot(mention: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
     """
@@ -502,6 +516,50 @@ class M3ELModel(M3ELPreTrainedModel):
             text_to_image_logits=branch_logits.get("text_to_image"),
             image_to_text_logits=branch_logits.get("image_to_text"),
         )
+
+    def score_bounds(self, mentions: dict, entities: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Lower and upper bounds (B, E), float32 (float64 for a float64 index), of the final scores `score_prepared(mentions, entities).logits`, at
+        the cost of dot products of vectors: the parts of the score that are dot products (G2G, cross-modal) exactly,
+        each G2L part within the mention-independent interval of `global_to_local_bounds`. The bounds include a
+        margin for the rounding of either computation in the entity tensors' dtype, so an entity whose upper bound
+        is below a mention's score threshold cannot reach it when scored exactly (the exact ranker skips it).
+        """
+        dense, center, radius, magnitude = None, 0.0, 0.0, None
+        num_branches = 0
+        dtype = next(iter(next(iter(entities.values())).values())).dtype
+        work = torch.promote_types(dtype, torch.float32)
+
+        def add(mention_vectors, entity_vectors, weight):
+            nonlocal dense, magnitude
+            mention_vectors, entity_vectors = mention_vectors.to(work), entity_vectors.to(work)
+            product = (mention_vectors @ entity_vectors.T) * weight
+            # |<m, e>| <= |m| |e| bounds the size of every term of the dot product, hence of its rounding error.
+            size = mention_vectors.norm(dim=-1)[:, None] * entity_vectors.norm(dim=-1)[None, :] * weight
+            dense = product if dense is None else dense.add_(product)
+            magnitude = size if magnitude is None else magnitude.add_(size)
+
+        for name, block in (("text", self.text_matching), ("image", self.image_matching)):
+            if block is not None:
+                num_branches += 1
+                add(mentions[name]["embeds"], entities[name]["embeds"], 0.5)
+                block_center, block_radius = block.global_to_local_bounds(entities[name])
+                center, radius = center + block_center / 2, radius + block_radius / 2
+        if self.cross_modal_matching is not None:
+            for name, vector in mentions["cross_modal"].items():
+                num_branches += 1
+                add(vector, entities["cross_modal"][name], 1.0)
+        # Relative margin for rounding: generous next to float32's accumulated error over the widths here (<= 1e-5),
+        # a few units of the last place for half precision (where the exact scores themselves are that coarse).
+        relative = {torch.float64: 1e-12, torch.float32: 1e-4}.get(dtype, 8 * torch.finfo(dtype).eps)
+        if torch.is_tensor(center):
+            magnitude.add_((center.abs() + radius)[None, :])
+            dense.add_(center[None, :])
+        margin = magnitude.mul_(relative)
+        margin = margin.add_(radius[None, :]) if torch.is_tensor(radius) else margin
+        lower = (dense - margin).div_(num_branches)
+        upper = dense.add_(margin).div_(num_branches)
+        return lower, upper
 
     def score_prepared_candidates(self, mentions: dict, candidates: dict) -> M3ELScores:
         """

@@ -25,11 +25,13 @@ def test_exact_ranking_benchmark_ranks_agree_with_the_naive_loop(tmp_path):
     stdout, payload = _run("bench_exact_ranking.py", tmp_path)
     (result,) = payload["results"]
     assert result["ranks_identical"] and result["ranks_differing"] == 0
+    assert result["full_ranks_identical"]  # the exact ranker without pruning too
+    assert 0.0 < result["scored_fraction"] < 1.0
     assert result["entities"] == 700 and result["naive_mentions"] == result["exact_mentions"] == 12
     assert result["exact_mentions_per_s"] > 0 and result["naive_mentions_per_s"] > 0
     assert result["index_bytes"] < result["naive_host_bytes"]
     assert result["fast_index_bytes"] * 2 == result["index_bytes"]
-    assert "| 700 |" in stdout and "| yes |" in stdout  # the markdown table
+    assert "| 700 |" in stdout and "| yes; yes |" in stdout  # the markdown table
 
 
 def test_two_stage_benchmark_reports_recall(tmp_path):
