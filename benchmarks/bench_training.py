@@ -1,5 +1,6 @@
 """Training throughput: M3EL's full training step (both CLIP passes, the matching network, the SPEC 4.3 loss,
-backward, AdamW) on random inputs, in float32 and under bf16 autocast: mentions/s and peak memory.
+backward, AdamW) on random inputs, in float32 and under bf16 autocast, with optional speed-ups (fused AdamW,
+torch.compile, TF32): mentions/s and peak memory.
 
     python benchmarks/bench_training.py --model b32 --batch 128 --steps 200      # on a GPU: the issue's check
     python benchmarks/bench_training.py --check                                   # tiny, CPU, a few steps
@@ -43,9 +44,29 @@ def random_batch(model, batch: int, device, generator: torch.Generator) -> dict:
     return inputs
 
 
-def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int, precision: str, seed: int) -> dict:
+VARIANT_OPTIONS = ("fused", "compile", "tf32")
+
+
+def parse_variant(variant: str) -> tuple[str, set[str]]:
+    """`"bfloat16+fused+compile"` -> ("bfloat16", {"fused", "compile"})."""
+    precision, *options = variant.split("+")
+    if precision not in ("float32", *DTYPES) or not set(options) <= set(VARIANT_OPTIONS):
+        raise SystemExit(f"unknown variant {variant!r}: a precision (float32, bfloat16, float16) followed by any of "
+                         f"{', '.join('+' + o for o in VARIANT_OPTIONS)}")
+    return precision, set(options)
+
+
+def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int, variant: str, seed: int) -> dict:
+    """One variant: a precision (float32, or autocast to bfloat16/float16) and options: `fused` (the fused AdamW
+    kernel, as `train_accelerate.py` uses on CUDA), `compile` (`torch.compile` of the model), `tf32` (TF32 matmuls)."""
+    precision, options = parse_variant(variant)
     model = build_model(model_size, mode, device, seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-4, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-5, eps=1e-4, weight_decay=1e-4, **({"fused": True} if "fused" in options else {})
+    )
+    torch.backends.cuda.matmul.allow_tf32 = "tf32" in options
+    torch.backends.cudnn.allow_tf32 = "tf32" in options
+    forward = torch.compile(model) if "compile" in options else model
     generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
     inputs = random_batch(model, batch, device, generator)
     autocast = (
@@ -55,7 +76,7 @@ def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int,
 
     def step():
         with autocast:
-            loss = model(**inputs, return_loss=True).loss
+            loss = forward(**inputs, return_loss=True).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -69,7 +90,7 @@ def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int,
     synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
     return {
-        "model": model_size, "mode": mode, "precision": precision, "batch": batch, "steps": steps,
+        "model": model_size, "mode": mode, "variant": variant, "precision": precision, "batch": batch, "steps": steps,
         "ms_per_step": 1000 * seconds / steps, "mentions_per_s": batch * steps / seconds,
         "peak_gib": None if peak is None else peak / 2**30, "final_loss": float(loss),
     }
@@ -80,25 +101,32 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128, help="mentions (and as many gold entities) per step")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--precisions", default="float32,bfloat16")
+    parser.add_argument("--variants", default="float32,bfloat16", help="comma-separated: a precision (float32, or "
+                        "autocast to bfloat16/float16), optionally followed by +fused (fused AdamW), +compile "
+                        "(torch.compile), +tf32 (TF32 matmuls): e.g. float32,bfloat16,bfloat16+fused+compile")
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     if args.check:
         args.model, args.batch, args.steps, args.warmup = "tiny", 8, 3, 1
-    results = [
-        run(args.model, args.mode, args.device, args.batch, args.steps, args.warmup, precision, args.seed)
-        for precision in args.precisions.split(",")
-    ]
+        args.variants = "float32,bfloat16+fused"
+    variants = args.variants.split(",")
+    for variant in variants:
+        parse_variant(variant)  # refuse a bad list before the first run
+    results = []
+    for variant in variants:
+        results.append(run(args.model, args.mode, args.device, args.batch, args.steps, args.warmup, variant, args.seed))
+        # Each variant's line as soon as it is measured: a later one that fails or runs out of time loses nothing.
+        print(f"{variant}: {results[-1]['ms_per_step']:.1f} ms/step", flush=True)
     print(f"Training step, {args.model} model, {args.mode}, batch {args.batch}, {args.steps} timed steps; "
           f"{machine(args.device)}")
     print(markdown_table(
-        ["precision", "ms/step", "mentions/s", "peak memory", "loss after"],
-        [[r["precision"], f"{r['ms_per_step']:.1f}", f"{r['mentions_per_s']:.0f}",
+        ["variant", "ms/step", "mentions/s", "peak memory", "loss after"],
+        [[r["variant"], f"{r['ms_per_step']:.1f}", f"{r['mentions_per_s']:.0f}",
           "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB", f"{r['final_loss']:.3f}"] for r in results],
     ))
     for result in results:
         if not torch.isfinite(torch.tensor(result["final_loss"])):
-            raise SystemExit(f"non-finite loss in {result['precision']}")
+            raise SystemExit(f"non-finite loss in {result['variant']}")
     write_json(args.json, {"machine": machine(args.device), "results": results})
 
 

@@ -226,8 +226,8 @@ class M3ELIntraModalMatching(nn.Module):
 
     def global_to_local_bounds(self, entity: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        `(center, radius)`, of shape (E,) in float32 (float64 for a float64 index), such that `g2l[b, e]` lies in `center[e] +- radius[e]` for every
-        mention b. The context is `LN(x) = gamma * n + beta` with `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose
+        `(center, radius)`, of shape (E,) in float32 (float64 for a float64 index), such that `g2l[b, e]` lies in
+        `center[e] +- radius[e]` for every mention b. The context is `LN(x) = gamma * n + beta` with `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose
         entries sum to 0 and whose norm is below sqrt(d); so `<c, LN(x)> = <c, beta> + <c * gamma - mean, n>` and
         Cauchy-Schwarz bounds the second term by `sqrt(d) * |c * gamma - mean(c * gamma)|`, whatever x is.
         """
@@ -519,8 +519,8 @@ class M3ELModel(M3ELPreTrainedModel):
 
     def score_bounds(self, mentions: dict, entities: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """
-        Lower and upper bounds (B, E), float32 (float64 for a float64 index), of the final scores `score_prepared(mentions, entities).logits`, at
-        the cost of dot products of vectors: the parts of the score that are dot products (G2G, cross-modal) exactly,
+        Lower and upper bounds (B, E), float32 (float64 for a float64 index), of the final scores
+        `score_prepared(mentions, entities).logits`, at the cost of dot products of vectors: the parts of the score that are dot products (G2G, cross-modal) exactly,
         each G2L part within the mention-independent interval of `global_to_local_bounds`. The bounds include a
         margin for the rounding of either computation in the entity tensors' dtype, so an entity whose upper bound
         is below a mention's score threshold cannot reach it when scored exactly (the exact ranker skips it).

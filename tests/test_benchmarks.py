@@ -59,7 +59,8 @@ def test_entity_encoding_benchmark_builds_the_index(tmp_path):
 def test_training_benchmark_runs_both_precisions(tmp_path):
     stdout, payload = _run("bench_training.py", tmp_path)
     assert [r["precision"] for r in payload["results"]] == ["float32", "bfloat16"]
+    assert [r["variant"] for r in payload["results"]] == ["float32", "bfloat16+fused"]
     for result in payload["results"]:
         assert result["batch"] == 8 and result["steps"] == 3 and result["mentions_per_s"] > 0
         assert 0 < result["final_loss"] < 100
-    assert "| float32 |" in stdout and "| bfloat16 |" in stdout
+    assert "| float32 |" in stdout and "| bfloat16+fused |" in stdout
