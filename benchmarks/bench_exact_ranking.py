@@ -228,6 +228,7 @@ def run(args) -> dict:
             "full_speedup": (args.full_mentions / full_seconds) / (args.naive_mentions / naive_seconds),
             "full_ranks_identical": bool(torch.equal(full, exact[: args.full_mentions])),
             "mrr_float32": mrr(exact),
+            "fused_g2l_kernel": index._fused(),
             "index_build_s": build_seconds,
             "index_bytes": index.nbytes,
             "naive_host_bytes": sum(v.numel() * v.element_size() for v in entities_host.values()),
@@ -314,8 +315,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     payload = run(args)
     print(f"# Exact ranking vs the authors' loop: {args.model} model, {args.mode}, {payload['machine']}")
+    kernel = "fused Triton kernel" if payload["results"] and payload["results"][0]["fused_g2l_kernel"] else "PyTorch"
     print(f"# exact ranker: {args.exact_batch} mentions per call, {args.memory_budget / 2**20:.0f} MiB attention "
-          "budget; "
+          f"budget, G2L by the {kernel}; "
           f"naive: {args.mention_batch} mentions per batch, {args.entity_chunk} entities per chunk")
     print(table(payload))
     write_json(args.json, payload)

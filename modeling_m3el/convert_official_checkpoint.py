@@ -83,7 +83,7 @@ UNUSED_MODULES = (
 )
 # Constant buffers that some transformers versions save and others do not; never taken from a checkpoint.
 POSITION_IDS = re.compile(r"^clip\.(?:text|vision)_model\.embeddings\.position_ids$")
-HUB_CODE_FILES = ("configuration_m3el.py", "modeling_m3el.py")
+HUB_CODE_FILES = ("configuration_m3el.py", "modeling_m3el.py", "kernels_m3el.py")
 
 
 class CheckpointConversionError(ValueError):

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from .kernels_m3el import fused_g2l_wanted
 from .modeling_m3el import M3ELFeatures, M3ELModel
 
 INDEX_WEIGHTS = "entity_index.safetensors"
@@ -459,6 +460,22 @@ class EntityIndex:
         scores[order] = pieces[row, column]
         return scores
 
+    def _fused(self) -> bool:
+        """Whether the G2L scores of this index go through the fused kernel (CUDA, Triton; see `kernels_m3el.py`)."""
+        query = next((self.tensors[k] for k in ("text.query", "image.query") if k in self.tensors), None)
+        return query is not None and fused_g2l_wanted(query)
+
+    def _score_needed(self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor):
+        """
+        Exact scores of the pairs where `needed` (B, stop - start) is set, through the fused kernel, which skips the
+        other pairs of the grid: (mention rows, entity rows, scores), in `needed`'s row-major order.
+        """
+        rows, columns = needed.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return rows, columns + start, torch.zeros(0, dtype=torch.float32, device=self.device)
+        logits = model.score_prepared(mentions, self._prepared(start, stop), needed=needed).logits
+        return rows, columns + start, logits[rows, columns].float()
+
     def _prepared_mentions(self, model: M3ELModel, mention_features: M3ELFeatures) -> tuple[dict, int]:
         num_mentions = mention_features.text_embeds.shape[0]
         if num_mentions == 0:
@@ -508,23 +525,35 @@ class EntityIndex:
         everyone = torch.arange(num_mentions, device=self.device)
         gold_scores = self._score_pairs(model, mentions, everyone, gold, memory_budget_bytes)
         above = torch.zeros(num_mentions, dtype=torch.long, device=self.device)
-        pair_mentions, pair_entities = [], []
+        fused = self._fused()
+        pair_mentions, pair_entities, pair_scores = [], [], []
+        final_gold = torch.empty_like(gold_scores)
         for start, stop in self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes):
             lower, upper = model.score_bounds(mentions, self._prepared(start, stop))
             others = torch.arange(start, stop, device=self.device)[None, :] != gold[:, None]
             surely_above = (lower >= gold_scores[:, None]) & others
             undecided = (upper >= gold_scores[:, None]) & others & ~surely_above
             above += surely_above.sum(dim=1)
-            rows, columns = undecided.nonzero(as_tuple=True)
-            pair_mentions.append(rows)
-            pair_entities.append(columns + start)
-        pair_mentions, pair_entities = torch.cat(pair_mentions), torch.cat(pair_entities)
-        # The gold pairs again, scored in the same call as the undecided pairs they are compared with.
-        scores = self._score_pairs(
-            model, mentions, torch.cat([everyone, pair_mentions]), torch.cat([gold, pair_entities]),
-            memory_budget_bytes,
-        )
-        gold_scores, scores = scores[:num_mentions], scores[num_mentions:]
+            if fused:  # the undecided pairs and the gold pairs of this chunk, through the kernel's grid
+                rows, entities, scores = self._score_needed(model, mentions, start, stop, undecided | ~others)
+                is_gold = entities == gold[rows]
+                final_gold[rows[is_gold]] = scores[is_gold].to(final_gold.dtype)
+                pair_mentions.append(rows[~is_gold])
+                pair_scores.append(scores[~is_gold])
+            else:
+                rows, columns = undecided.nonzero(as_tuple=True)
+                pair_mentions.append(rows)
+                pair_entities.append(columns + start)
+        pair_mentions = torch.cat(pair_mentions)
+        if fused:
+            gold_scores, scores = final_gold, torch.cat(pair_scores).to(final_gold.dtype)
+        else:
+            # The gold pairs again, scored in the same call as the undecided pairs they are compared with.
+            scores = self._score_pairs(
+                model, mentions, torch.cat([everyone, pair_mentions]), torch.cat([gold, torch.cat(pair_entities)]),
+                memory_budget_bytes,
+            )
+            gold_scores, scores = scores[:num_mentions], scores[num_mentions:]
         above.index_add_(0, pair_mentions, (scores >= gold_scores[pair_mentions]).long())
         if stats is not None:
             stats.update(pairs=num_mentions * len(self), scored=2 * num_mentions + pair_mentions.numel())
@@ -576,14 +605,24 @@ class EntityIndex:
         threshold = self._score_pairs(model, mentions, everyone, seeds, memory_budget_bytes)
         threshold = threshold.view(num_mentions, k).min(dim=1).values
         # Pass 2: exactly score every entity whose upper bound reaches that score.
-        pair_mentions, pair_entities = [], []
+        fused = self._fused()
+        pair_mentions, pair_entities, pair_scores = [], [], []
         for start, stop in chunks:
             _, upper = model.score_bounds(mentions, self._prepared(start, stop))
-            rows, columns = (upper >= threshold[:, None]).nonzero(as_tuple=True)
+            candidates = upper >= threshold[:, None]
+            if fused:
+                rows, entities, scores = self._score_needed(model, mentions, start, stop, candidates)
+                pair_scores.append(scores)
+            else:
+                rows, entities = candidates.nonzero(as_tuple=True)
+                entities = entities + start
             pair_mentions.append(rows)
-            pair_entities.append(columns + start)
+            pair_entities.append(entities)
         pair_mentions, pair_entities = torch.cat(pair_mentions), torch.cat(pair_entities)
-        scores = self._score_pairs(model, mentions, pair_mentions, pair_entities, memory_budget_bytes)
+        if fused:
+            scores = torch.cat(pair_scores)
+        else:
+            scores = self._score_pairs(model, mentions, pair_mentions, pair_entities, memory_budget_bytes)
         if stats is not None:
             stats.update(pairs=num_mentions * len(self), scored=everyone.numel() + pair_mentions.numel())
         # Each mention's candidates into one row (padded with -inf), then the top k of every row.

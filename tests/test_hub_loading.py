@@ -15,7 +15,7 @@ from conftest import run_without_package
 from modeling_m3el import M3ELModel
 from modeling_m3el.tiny import tiny_clip_config, tiny_processor, tiny_config
 
-HUB_FILES = {"configuration_m3el.py", "modeling_m3el.py", "processing_m3el.py"}
+HUB_FILES = {"configuration_m3el.py", "modeling_m3el.py", "kernels_m3el.py", "processing_m3el.py"}
 
 # Run by `run_without_package` (a fresh offline interpreter where this package cannot be imported): loads the
 # folder through the Auto classes and prints the logits as JSON.

@@ -15,7 +15,8 @@ from modeling_m3el.publish import HUB_IGNORE_PATTERNS, build_hub_folder, hub_fil
 
 FIXED_FILES = {
     "README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-    "configuration_m3el.py", "modeling_m3el.py", "processing_m3el.py", "index_m3el.py", "pipeline_m3el.py",
+    "configuration_m3el.py", "modeling_m3el.py", "kernels_m3el.py", "processing_m3el.py", "index_m3el.py",
+    "pipeline_m3el.py",
     "entity_index.safetensors", "entity_index.json", "entities.jsonl", "examples.jsonl", "handler.py",
     "test_results.json", "training_config.json", "log.jsonl", "plots/hits_at_k.png", "plots/training_curves.png",
 }

@@ -1,0 +1,136 @@
+"""The fused G2L kernel (`modeling_m3el/kernels_m3el.py`), run by Triton's interpreter on the CPU: the same G2L
+scores as the PyTorch path, pairs outside the `needed` mask skipped, and the exact ranker's results unchanged when
+its scores go through the kernel. (On a GPU the same kernel is compiled; `benchmarks/run_gpu.sh` checks its ranks
+against the naive loop.)"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = textwrap.dedent(
+    """
+    import os
+    import torch
+    from modeling_m3el import M3ELFeatures, M3ELModel
+    from modeling_m3el.index_m3el import EntityIndex
+    from modeling_m3el.kernels_m3el import KERNEL_ENV, fused_g2l_wanted, fused_global_to_local
+    from modeling_m3el.tiny import tiny_config, tiny_processor
+
+    def use(kernel):
+        os.environ[KERNEL_ENV] = kernel
+
+    processor = tiny_processor()
+    generator = torch.Generator().manual_seed(0)
+
+    def features(model, count):
+        clip = model.config.clip_config
+        tokens = (clip.vision_config.image_size // clip.vision_config.patch_size) ** 2 + 1
+        shapes = {"text_embeds": (clip.projection_dim,), "text_tokens": (40, clip.text_config.hidden_size),
+                  "image_embeds": (model.config.matching_dim,), "image_tokens": (tokens, model.config.matching_dim)}
+        return M3ELFeatures(**{k: torch.randn((count, *s), generator=generator) for k, s in shapes.items()})
+
+    for mode in ("text_to_image", "bidirectional"):
+        torch.manual_seed(1)
+        model = M3ELModel(tiny_config(processor, cross_modal=mode)).eval()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name and not name.startswith("clip."):
+                    param.add_(0.3 * torch.randn_like(param))
+        entities = features(model, 37)
+        gold = torch.randint(0, 37, (5,), generator=generator)
+        noise = features(model, 5)
+        mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
+        ids = [f"E{i}" for i in range(37)]
+        index = EntityIndex.from_features(model, entities, ids)
+        gold_ids = [ids[g] for g in gold.tolist()]
+
+        use("torch")
+        reference = index.scores(model, mentions)
+        reference_ranks = index.rank(model, mentions, gold_ids, prune=False)
+        reference_top = index.topk(model, mentions, k=3, prune=False)
+        use("triton")
+        assert index._fused()
+        fused = index.scores(model, mentions)
+        torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(index.rank(model, mentions, gold_ids), reference_ranks)
+        top = index.topk(model, mentions, k=3)
+        torch.testing.assert_close(top[0], reference_top[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(top[1], reference_top[1])
+
+        # The kernel alone: G2L of the text block, every pair, then a mask that skips some.
+        block = model.text_matching
+        prepared_m = model.prepare_mentions(mentions)["text"]
+        prepared_e = model.prepare_entities(entities)["text"]
+        with torch.no_grad():
+            use("torch")
+            expected = block.global_to_local(prepared_m, prepared_e)
+            key = prepared_m["key"] * block.scale
+            full = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                         block.context_norm)
+            torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
+            needed = torch.rand(expected.shape, generator=generator) < 0.3
+            masked = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                           block.context_norm, needed=needed)
+            assert torch.equal(masked[needed], full[needed]) and (masked[~needed] == 0).all()
+            # bfloat16 inputs: float32 accumulation inside, close to the float32 scores
+            half = fused_global_to_local(prepared_e["query"].bfloat16(), key.bfloat16(), prepared_m["value"].bfloat16(),
+                                         prepared_e["global"], block.context_norm)
+            torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05)
+        use("auto")
+        # CPU tensors: the kernel only runs where asked (interpreter); with gradients it never does.
+        assert not fused_g2l_wanted(prepared_e["query"])
+        use("triton")
+        query = prepared_e["query"].detach().requires_grad_()
+        assert fused_g2l_wanted(prepared_e["query"].detach())
+        assert not fused_g2l_wanted(query)
+        assert not fused_g2l_wanted(prepared_e["query"].detach().double())
+        print("ok", mode)
+    """
+)
+
+
+def test_fused_kernel_in_the_triton_interpreter(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    completed = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert completed.stdout.split() == ["ok", "text_to_image", "ok", "bidirectional"]
+
+
+def test_kernel_switch_is_validated(monkeypatch):
+    import torch
+
+    from modeling_m3el.kernels_m3el import KERNEL_ENV, fused_g2l_wanted
+
+    monkeypatch.setenv(KERNEL_ENV, "cuda-please")
+    with pytest.raises(ValueError, match="must be auto, triton or torch"):
+        fused_g2l_wanted(torch.zeros(1, 2, 16))
+
+
+def test_a_failing_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
+    import torch
+
+    from modeling_m3el import kernels_m3el
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(kernels_m3el, "fused_global_to_local", broken)
+    monkeypatch.setattr(kernels_m3el, "_kernel_failure", None)
+    query = torch.zeros(2, 40, 16)
+    monkeypatch.setenv(kernels_m3el.KERNEL_ENV, "triton")
+    with pytest.raises(RuntimeError, match="PTX"):  # forced: the failure is the caller's to see
+        kernels_m3el.try_fused_global_to_local(query)
+    monkeypatch.setenv(kernels_m3el.KERNEL_ENV, "auto")
+    with pytest.warns(UserWarning, match="fused G2L kernel failed .*PTX assembly failed.*PyTorch path"):
+        assert kernels_m3el.try_fused_global_to_local(query) is None
+    assert not kernels_m3el.fused_g2l_wanted(query.cuda() if torch.cuda.is_available() else query)
