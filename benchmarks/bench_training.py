@@ -92,7 +92,7 @@ def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int,
     return {
         "model": model_size, "mode": mode, "variant": variant, "precision": precision, "batch": batch, "steps": steps,
         "ms_per_step": 1000 * seconds / steps, "mentions_per_s": batch * steps / seconds,
-        "peak_gib": None if peak is None else peak / 2**30, "final_loss": float(loss),
+        "peak_gib": None if peak is None else peak / 2**30, "final_loss": float(loss.detach()),
     }
 
 

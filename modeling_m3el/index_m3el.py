@@ -520,10 +520,13 @@ class EntityIndex:
             scores = self.scores(model, mention_features, chunk_size, memory_budget_bytes)
             if stats is not None:
                 stats.update(pairs=scores.numel(), scored=scores.numel())
-            return (scores >= scores.gather(1, gold[:, None])).sum(dim=1)
+            gold_scores = scores.gather(1, gold[:, None])
+            _refuse_nan(gold_scores[:, 0], "gold entity's score")
+            return (scores >= gold_scores).sum(dim=1)
         mentions, num_mentions = self._prepared_mentions(model, mention_features)
         everyone = torch.arange(num_mentions, device=self.device)
         gold_scores = self._score_pairs(model, mentions, everyone, gold, memory_budget_bytes)
+        _refuse_nan(gold_scores, "gold entity's score")
         above = torch.zeros(num_mentions, dtype=torch.long, device=self.device)
         fused = self._fused()
         pair_mentions, pair_entities, pair_scores = [], [], []
@@ -603,7 +606,8 @@ class EntityIndex:
         seeds = best_rows.reshape(-1)
         everyone = torch.arange(num_mentions, device=self.device).repeat_interleave(k)
         threshold = self._score_pairs(model, mentions, everyone, seeds, memory_budget_bytes)
-        threshold = threshold.view(num_mentions, k).min(dim=1).values
+        threshold = threshold.view(num_mentions, k).min(dim=1).values  # NaN if any of the k is NaN
+        _refuse_nan(threshold, "score of one of the k best-estimated entities")
         # Pass 2: exactly score every entity whose upper bound reaches that score.
         fused = self._fused()
         pair_mentions, pair_entities, pair_scores = [], [], []
@@ -639,6 +643,16 @@ class EntityIndex:
         values, slot = padded.topk(k, dim=1)
         rows = entity_rows.gather(1, slot)
         return values.float(), rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
+
+
+def _refuse_nan(scores: torch.Tensor, what: str) -> None:
+    """Ranks against a NaN score mean nothing: name the mentions whose score is not a number."""
+    bad = torch.isnan(scores).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"the {what} is NaN for mention(s) {bad[:10]} of this batch (NaN features or weights?); "
+            "ranks against it would be meaningless"
+        )
 
 
 __all__ = ["EntityIndex", "StaleIndexError", "model_fingerprint"]

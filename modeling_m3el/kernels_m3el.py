@@ -129,12 +129,13 @@ def fused_global_to_local(
     entity_global: torch.Tensor,
     norm: torch.nn.LayerNorm,
     needed: torch.Tensor | None = None,
-    block_mentions: int = 16,
+    block_mentions: int = 32,
 ) -> torch.Tensor:
     """
     G2L scores (B, E), float32, of mentions (`key` already scaled by 1/sqrt(d), `value`: (B, LK, d)) against
     entities (`query`: (E, LQ, d), `entity_global`: (E, d)), with the context LayerNorm `norm`. With `needed`, a
-    (B, E) bool mask, only those pairs are computed; the other entries are 0.
+    (B, E) bool mask, only those pairs are computed; the other entries are 0. `block_mentions`: mentions per program
+    (an entity's queries are read from memory once per block; the block's keys and values stay in cache).
     """
     num_entities, lq, d = query.shape
     num_mentions, lk, _ = key.shape

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -64,3 +66,19 @@ def test_training_benchmark_runs_both_precisions(tmp_path):
         assert result["batch"] == 8 and result["steps"] == 3 and result["mentions_per_s"] > 0
         assert 0 < result["final_loss"] < 100
     assert "| float32 |" in stdout and "| bfloat16+fused |" in stdout
+
+
+def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    output = tmp_path / "check.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1")
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "check_kernel.py"), "--check", "--device", "cpu", "--threads", "1",
+         "--json", output],
+        capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    results = json.loads(output.read_text())["results"]
+    assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
+    assert all(r["agrees"] for r in results) and results[0]["ranks_equal"] == 1.0
+    assert results[0]["max_abs_diff"] < 1e-4 * results[0]["score_spread"]

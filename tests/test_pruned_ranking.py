@@ -174,3 +174,16 @@ def test_pruned_ranks_of_a_bfloat16_index(processor):
     assert abs((1 / pruned.double()).mean() - (1 / full.double()).mean()) < 0.02
     float32 = index.rank(model, mentions, gold)
     assert abs((1 / pruned.double()).mean() - (1 / float32.double()).mean()) < 0.05
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_nan_features_are_refused_by_name(processor, prune):
+    model = _model(processor)
+    index, mentions, gold = _kb_and_mentions(model)
+    broken = M3ELFeatures(**{k: v.clone() for k, v in mentions.items()})
+    broken.text_embeds[2] = float("nan")
+    with pytest.raises(ValueError, match=r"is NaN for mention\(s\) \[2\]"):
+        index.rank(model, broken, gold, prune=prune)
+    if prune:
+        with pytest.raises(ValueError, match=r"is NaN for mention\(s\) \[2\]"):
+            index.topk(model, broken, k=3)
