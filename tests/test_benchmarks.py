@@ -68,6 +68,14 @@ def test_training_benchmark_runs_both_precisions(tmp_path):
     assert "| float32 |" in stdout and "| bfloat16+fused |" in stdout
 
 
+def test_index_memory_benchmark_counts_every_tensor(tmp_path):
+    stdout, payload = _run("index_memory.py", tmp_path)
+    float32, bfloat16 = payload["results"]
+    assert float32["index_bytes"] == 2 * bfloat16["index_bytes"] == 1000 * 4 * sum(float32["values_per_entity"].values())
+    assert float32["raw_float32_bytes"] > float32["index_bytes"]
+    assert "| 1,000 | bfloat16 |" in stdout
+
+
 def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     pytest.importorskip("triton")
     output = tmp_path / "check.json"
