@@ -241,9 +241,10 @@ class M3ELIntraModalMatching(nn.Module):
     def global_to_local_bounds(self, entity: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """
         `(center, radius)`, of shape (E,) in float32 (float64 for a float64 index), such that `g2l[b, e]` lies in
-        `center[e] +- radius[e]` for every mention b. The context is `LN(x) = gamma * n + beta` with `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose
-        entries sum to 0 and whose norm is below sqrt(d); so `<c, LN(x)> = <c, beta> + <c * gamma - mean, n>` and
-        Cauchy-Schwarz bounds the second term by `sqrt(d) * |c * gamma - mean(c * gamma)|`, whatever x is.
+        `center[e] +- radius[e]` for every mention b. The context is `LN(x) = gamma * n + beta` with
+        `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose entries sum to 0 and whose norm is below sqrt(d); so
+        `<c, LN(x)> = <c, beta> + <c * gamma - mean, n>`, and Cauchy-Schwarz bounds the second term by
+        `sqrt(d) * |c * gamma - mean(c * gamma)|`, whatever x is (a context along `c * gamma` attains it).
         """
         dtype = torch.promote_types(entity["global"].dtype, torch.float32)  # float64 stays float64
         entity_global = entity["global"].to(dtype)
