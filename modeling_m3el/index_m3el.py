@@ -430,14 +430,11 @@ class EntityIndex:
         if num_pairs == 0:
             return torch.zeros(0, dtype=torch.promote_types(self.dtype, torch.float32), device=self.device)
         num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
-        order = torch.argsort(mention_rows, stable=True)
-        sorted_mentions = mention_rows[order]
-        counts = torch.bincount(sorted_mentions, minlength=num_mentions)
+        order, sorted_mentions, counts, slot = _group_by_mention(mention_rows, num_mentions)
         # W: a quarter of the mean count per mention, so padding adds at most a quarter to the work.
         per_candidate = self._bytes_per_candidate()
         width = -(-num_pairs // (4 * int((counts > 0).sum())))
         width = max(1, min(width, memory_budget_bytes // per_candidate))
-        slot = torch.arange(num_pairs, device=self.device) - (torch.cumsum(counts, 0) - counts)[sorted_mentions]
         rows_per_mention = -(-counts // width)
         row = (torch.cumsum(rows_per_mention, 0) - rows_per_mention)[sorted_mentions] + slot // width
         column = slot % width
@@ -630,11 +627,8 @@ class EntityIndex:
         if stats is not None:
             stats.update(pairs=num_mentions * len(self), scored=everyone.numel() + pair_mentions.numel())
         # Each mention's candidates into one row (padded with -inf), then the top k of every row.
-        order = torch.argsort(pair_mentions, stable=True)
-        pair_mentions, pair_entities, scores = pair_mentions[order], pair_entities[order], scores[order]
-        counts = torch.bincount(pair_mentions, minlength=num_mentions)
-        offsets = torch.cumsum(counts, 0) - counts
-        slots = torch.arange(pair_mentions.numel(), device=self.device) - offsets[pair_mentions]
+        order, pair_mentions, counts, slots = _group_by_mention(pair_mentions, num_mentions)
+        pair_entities, scores = pair_entities[order], scores[order]
         width = int(counts.max())
         padded = torch.full((num_mentions, width), float("-inf"), dtype=scores.dtype, device=self.device)
         padded[pair_mentions, slots] = scores
@@ -643,6 +637,19 @@ class EntityIndex:
         values, slot = padded.topk(k, dim=1)
         rows = entity_rows.gather(1, slot)
         return values.float(), rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
+
+
+def _group_by_mention(mention_rows: torch.Tensor, num_mentions: int):
+    """
+    Pairs listed by mention row, grouped: (order that sorts them by mention, stably; the sorted mention rows;
+    pairs per mention (num_mentions,); each sorted pair's slot among its mention's pairs).
+    """
+    order = torch.argsort(mention_rows, stable=True)
+    sorted_rows = mention_rows[order]
+    counts = torch.bincount(sorted_rows, minlength=num_mentions)
+    first_slot = torch.cumsum(counts, 0) - counts  # where each mention's pairs start in the sorted list
+    slots = torch.arange(sorted_rows.numel(), device=sorted_rows.device) - first_slot[sorted_rows]
+    return order, sorted_rows, counts, slots
 
 
 def _refuse_nan(scores: torch.Tensor, what: str) -> None:
