@@ -9,7 +9,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .kernels_m3el import fused_g2l_wanted
+from .kernels_m3el import FusedKernelError, fused_g2l_wanted, record_failure
+from .kernels_m3el import strict as strict_kernel
 from .modeling_m3el import M3ELFeatures, M3ELModel
 
 INDEX_WEIGHTS = "entity_index.safetensors"
@@ -462,16 +463,31 @@ class EntityIndex:
         query = next((self.tensors[k] for k in ("text.query", "image.query") if k in self.tensors), None)
         return query is not None and fused_g2l_wanted(query)
 
-    def _score_needed(self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor):
+    def _score_needed(
+        self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor, memory_budget_bytes: int
+    ):
         """
         Exact scores of the pairs where `needed` (B, stop - start) is set, through the fused kernel, which skips the
-        other pairs of the grid: (mention rows, entity rows, scores), in `needed`'s row-major order.
+        other pairs of the grid: (mention rows, entity rows, scores), in `needed`'s row-major order. Should the
+        kernel fail, it is turned off (one warning) and the grid is scored by PyTorch in pieces within the budget.
         """
         rows, columns = needed.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return rows, columns + start, torch.zeros(0, dtype=torch.float32, device=self.device)
-        logits = model.score_prepared(mentions, self._prepared(start, stop), needed=needed).logits
-        return rows, columns + start, logits[rows, columns].float()
+        if self._fused():  # (no longer, once the kernel has failed in an earlier chunk)
+            try:
+                with strict_kernel():
+                    logits = model.score_prepared(mentions, self._prepared(start, stop), needed=needed).logits
+                return rows, columns + start, logits[rows, columns].float()
+            except FusedKernelError as error:
+                record_failure(error)
+        step = self.chunk_size_for(needed.shape[0], memory_budget_bytes)
+        scores = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
+        for first in range(0, stop - start, step):
+            inside = (columns >= first) & (columns < first + step)
+            logits = model.score_prepared(mentions, self._prepared(start + first, min(start + first + step, stop)))
+            scores[inside] = logits.logits[rows[inside], columns[inside] - first].float()
+        return rows, columns + start, scores
 
     def _prepared_mentions(self, model: M3ELModel, mention_features: M3ELFeatures) -> tuple[dict, int]:
         num_mentions = mention_features.text_embeds.shape[0]
@@ -535,7 +551,9 @@ class EntityIndex:
             undecided = (upper >= gold_scores[:, None]) & others & ~surely_above
             above += surely_above.sum(dim=1)
             if fused:  # the undecided pairs and the gold pairs of this chunk, through the kernel's grid
-                rows, entities, scores = self._score_needed(model, mentions, start, stop, undecided | ~others)
+                rows, entities, scores = self._score_needed(
+                    model, mentions, start, stop, undecided | ~others, memory_budget_bytes
+                )
                 is_gold = entities == gold[rows]
                 final_gold[rows[is_gold]] = scores[is_gold].to(final_gold.dtype)
                 pair_mentions.append(rows[~is_gold])
@@ -612,7 +630,9 @@ class EntityIndex:
             _, upper = model.score_bounds(mentions, self._prepared(start, stop))
             candidates = upper >= threshold[:, None]
             if fused:
-                rows, entities, scores = self._score_needed(model, mentions, start, stop, candidates)
+                rows, entities, scores = self._score_needed(
+                    model, mentions, start, stop, candidates, memory_budget_bytes
+                )
                 pair_scores.append(scores)
             else:
                 rows, entities = candidates.nonzero(as_tuple=True)

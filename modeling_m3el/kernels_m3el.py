@@ -13,6 +13,7 @@ else takes the PyTorch path in `modeling_m3el.py`. `M3EL_G2L_KERNEL=torch` turns
 it (on a CPU only with `TRITON_INTERPRET=1`, Triton's interpreter, which the tests use).
 """
 
+import contextlib
 import os
 import warnings
 
@@ -28,6 +29,12 @@ KERNEL_ENV = "M3EL_G2L_KERNEL"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
 _kernel_failure: str | None = None
+# Inside `strict()`: a failure raises (the caller falls back in its own way) instead of falling back here.
+_strict = False
+
+
+class FusedKernelError(RuntimeError):
+    """The fused kernel failed to compile or run (raised inside `strict()`; the original error is its cause)."""
 
 
 def fused_g2l_wanted(query: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -102,19 +109,40 @@ if triton is not None:
                     tl.store(out_ptr + mention * num_entities + entity, tl.sum(normalized * scaled_global, axis=0) + bias)
 
 
+def record_failure(error: Exception) -> None:
+    """Turn the kernel off for this process ("auto" mode), with one warning that says why."""
+    global _kernel_failure
+    if isinstance(error, FusedKernelError) and error.__cause__ is not None:
+        error = error.__cause__
+    _kernel_failure = f"{type(error).__name__}: {error}"
+    warnings.warn(f"the fused G2L kernel failed ({_kernel_failure[:500]}); using the PyTorch path instead")
+
+
+@contextlib.contextmanager
+def strict():
+    """Within this block a kernel failure raises instead of falling back, so that the caller can fall back itself
+    (the exact ranker then scores its grid in memory-bounded pieces; the PyTorch path needs far more memory)."""
+    global _strict
+    previous, _strict = _strict, True
+    try:
+        yield
+    finally:
+        _strict = previous
+
+
 def try_fused_global_to_local(*args, **kwargs) -> torch.Tensor | None:
     """
     `fused_global_to_local`, or None (with one warning) if the kernel fails to compile or run in "auto" mode, after
-    which this process uses the PyTorch path. With `M3EL_G2L_KERNEL=triton` a failure raises.
+    which this process uses the PyTorch path. With `M3EL_G2L_KERNEL=triton`, or inside `strict()`, a failure raises.
     """
-    global _kernel_failure
     try:
         return fused_global_to_local(*args, **kwargs)
     except Exception as error:  # Triton's compile and launch errors have no common base class
         if os.environ.get(KERNEL_ENV, "auto") == "triton":
             raise
-        _kernel_failure = f"{type(error).__name__}: {error}"
-        warnings.warn(f"the fused G2L kernel failed ({_kernel_failure[:500]}); using the PyTorch path instead")
+        if _strict:
+            raise FusedKernelError(f"{type(error).__name__}: {error}") from error
+        record_failure(error)
         return None
 
 

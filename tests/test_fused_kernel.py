@@ -134,3 +134,43 @@ def test_a_failing_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="fused G2L kernel failed .*PTX assembly failed.*PyTorch path"):
         assert kernels_m3el.try_fused_global_to_local(query) is None
     assert not kernels_m3el.fused_g2l_wanted(query.cuda() if torch.cuda.is_available() else query)
+
+
+def test_the_ranker_survives_a_failing_kernel(monkeypatch):
+    """A kernel that fails inside the pruned ranker: one warning, the kernel turned off, and the grid scored by
+    PyTorch in pieces that fit the memory budget (the same ranks and top-k as without the kernel)."""
+    import torch
+
+    from modeling_m3el import index_m3el, kernels_m3el, modeling_m3el
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_pruned_ranking import _kb_and_mentions, _model
+
+    from modeling_m3el.tiny import tiny_processor
+
+    model = _model(tiny_processor(), cross_modal="bidirectional")
+    index, mentions, gold = _kb_and_mentions(model)
+    expected_ranks = index.rank(model, mentions, gold, prune=False)
+    expected_top = index.topk(model, mentions, k=4, prune=False)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no CUDA toolkit")
+
+    def wanted(*tensors):  # as on a GPU: the kernel is wanted until it has failed
+        return kernels_m3el._kernel_failure is None
+
+    monkeypatch.setattr(kernels_m3el, "fused_global_to_local", broken)
+    monkeypatch.setattr(kernels_m3el, "_kernel_failure", None)
+    monkeypatch.setattr(index_m3el, "fused_g2l_wanted", wanted)
+    monkeypatch.setattr(modeling_m3el, "fused_g2l_wanted", wanted)
+    monkeypatch.delenv(kernels_m3el.KERNEL_ENV, raising=False)
+    budget = 2**21  # the PyTorch grid of a whole bound chunk would not fit: it is scored in pieces
+    assert index.chunk_size_for(len(gold), budget) < len(index)
+    with pytest.warns(UserWarning, match="fused G2L kernel failed .*no CUDA toolkit"):
+        ranks = index.rank(model, mentions, gold, chunk_size=100, memory_budget_bytes=budget)  # 4 chunks
+    assert torch.equal(ranks, expected_ranks) and len(calls) == 1
+    top = index.topk(model, mentions, k=4, memory_budget_bytes=budget)  # the kernel stays off: no second try
+    torch.testing.assert_close(top[0], expected_top[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(top[1], expected_top[1]) and len(calls) == 1
