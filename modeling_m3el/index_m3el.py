@@ -327,11 +327,7 @@ class EntityIndex:
         (default: as many as fit `memory_budget_bytes` of attention scores), so no (mention x entity x token x
         token) tensor for the whole KB ever exists.
         """
-        num_mentions = mention_features.text_embeds.shape[0]
-        if num_mentions == 0:
-            raise ValueError("no mentions to rank (a batch of 0)")
-        mentions = model.prepare_mentions(mention_features)
-        mentions = {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
+        mentions, num_mentions = self._prepared_mentions(model, mention_features)
         if chunk_size is None:
             chunk_size = self.chunk_size_for(num_mentions, memory_budget_bytes)
         if chunk_size <= 0:
@@ -383,7 +379,7 @@ class EntityIndex:
             raise IndexError(
                 f"candidate rows must lie in [0, {len(self)}), got [{candidate_rows.min()}, {candidate_rows.max()}]"
             )
-        mentions = {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
+        mentions = self._on_index(mentions)
         num_candidates = candidate_rows.shape[1]
         per_candidate = self._bytes_per_candidate()
         # Candidates in slices only when one mention's candidates alone exceed the budget.
@@ -489,13 +485,16 @@ class EntityIndex:
             scores[inside] = logits.logits[rows[inside], columns[inside] - first].float()
         return rows, columns + start, scores
 
+    def _on_index(self, mentions: dict) -> dict:
+        """Prepared mention tensors moved to this index's device and dtype."""
+        return {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
+
     def _prepared_mentions(self, model: M3ELModel, mention_features: M3ELFeatures) -> tuple[dict, int]:
+        """`model.prepare_mentions` on this index's device and dtype, and the number of mentions (at least 1)."""
         num_mentions = mention_features.text_embeds.shape[0]
         if num_mentions == 0:
             raise ValueError("no mentions to rank (a batch of 0)")
-        mentions = model.prepare_mentions(mention_features)
-        mentions = {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
-        return mentions, num_mentions
+        return self._on_index(model.prepare_mentions(mention_features)), num_mentions
 
     def _bound_chunks(self, num_mentions: int, chunk_size: int | None, memory_budget_bytes: int):
         """Entity ranges for `score_bounds`: its float32 (B, chunk) products, bounds and masks within the budget."""

@@ -19,10 +19,11 @@ SCRIPT = textwrap.dedent(
     """
     import os
     import torch
-    from modeling_m3el import M3ELFeatures, M3ELModel
+    from modeling_m3el import M3ELFeatures
     from modeling_m3el.index_m3el import EntityIndex
     from modeling_m3el.kernels_m3el import KERNEL_ENV, fused_g2l_wanted, fused_global_to_local
-    from modeling_m3el.tiny import tiny_config, tiny_processor
+    from modeling_m3el.tiny import tiny_processor
+    from test_pruned_ranking import _features, _model
 
     def use(kernel):
         os.environ[KERNEL_ENV] = kernel
@@ -30,23 +31,11 @@ SCRIPT = textwrap.dedent(
     processor = tiny_processor()
     generator = torch.Generator().manual_seed(0)
 
-    def features(model, count):
-        clip = model.config.clip_config
-        tokens = (clip.vision_config.image_size // clip.vision_config.patch_size) ** 2 + 1
-        shapes = {"text_embeds": (clip.projection_dim,), "text_tokens": (40, clip.text_config.hidden_size),
-                  "image_embeds": (model.config.matching_dim,), "image_tokens": (tokens, model.config.matching_dim)}
-        return M3ELFeatures(**{k: torch.randn((count, *s), generator=generator) for k, s in shapes.items()})
-
     for mode in ("text_to_image", "bidirectional"):
-        torch.manual_seed(1)
-        model = M3ELModel(tiny_config(processor, cross_modal=mode)).eval()
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "norm" in name and not name.startswith("clip."):
-                    param.add_(0.3 * torch.randn_like(param))
-        entities = features(model, 37)
+        model = _model(processor, seed=1, cross_modal=mode)
+        entities = _features(model, 37, generator)
         gold = torch.randint(0, 37, (5,), generator=generator)
-        noise = features(model, 5)
+        noise = _features(model, 5, generator)
         mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
         ids = [f"E{i}" for i in range(37)]
         index = EntityIndex.from_features(model, entities, ids)
@@ -98,7 +87,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fused_kernel_in_the_triton_interpreter(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     completed = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
     )
