@@ -26,6 +26,7 @@ except ImportError:
     triton = None
 
 KERNEL_ENV = "M3EL_G2L_KERNEL"
+FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the PyTorch path begins
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
 _kernel_failure: str | None = None
@@ -115,7 +116,7 @@ def record_failure(error: Exception) -> None:
     if isinstance(error, FusedKernelError) and error.__cause__ is not None:
         error = error.__cause__
     _kernel_failure = f"{type(error).__name__}: {error}"
-    warnings.warn(f"the fused G2L kernel failed ({_kernel_failure[:500]}); using the PyTorch path instead")
+    warnings.warn(f"{FALLBACK} ({_kernel_failure[:500]}); using the PyTorch path instead")
 
 
 @contextlib.contextmanager
@@ -150,6 +151,34 @@ def _padded(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
+def launch_parameters(
+    lq: int, lk: int, d: int, dtype: torch.dtype, has_mask: bool, block_mentions: int = 32
+) -> tuple[dict, dict]:
+    """The kernel's compile-time constants and compile options (warps, FP fusion) for these widths (entity tokens
+    `lq`, mention tokens `lk`, channels `d`): what `fused_global_to_local` launches, and what
+    `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
+    lqp, lkp, dp = _padded(lq), _padded(lk), _padded(d)
+    constants = {
+        "LQ": lq, "LK": lk, "D": d, "LQP": lqp, "LKP": lkp, "DP": dp,
+        "BLOCK_B": block_mentions, "HAS_MASK": has_mask, "IEEE": dtype == torch.float32,
+        # Triton's CPU interpreter multiplies half-precision dot operands wrongly (triton 3.9): upcast there only.
+        "UPCAST": os.environ.get("TRITON_INTERPRET") == "1" and dtype != torch.float32,
+    }
+    # FP fusion (multiply-adds fused) stated rather than left to Triton's default, which Triton 3.9 warns about
+    options = {"num_warps": warps_for(lqp, lkp, dp, dtype), "enable_fp_fusion": True}
+    return constants, options
+
+
+def warps_for(lqp: int, lkp: int, dp: int, dtype: torch.dtype) -> int:
+    """Warps per program. Small tiles: 4. From B/32 widths on (query, keys and values of 64 x 128): 8 in half
+    precision (64-128 registers a thread on sm_80/sm_90), 16 in float32, whose IEEE products run on FMA units and
+    hold more in registers: with 8 warps a thread needs 238-255 registers, the most there are, and spills on sm_90;
+    with 16, 96-122 and no spill (`benchmarks/kernel_compile.py`; `benchmarks/check_kernel.py` times both)."""
+    if max(lqp, lkp) * dp < 8192:
+        return 4
+    return 16 if dtype == torch.float32 else 8
+
+
 def fused_global_to_local(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -181,14 +210,9 @@ def fused_global_to_local(
             raise ValueError(f"needed must have shape {(num_mentions, num_entities)}, got {tuple(needed.shape)}")
         needed = needed.to(device=query.device, dtype=torch.int8).contiguous()
     grid = (num_entities, triton.cdiv(num_mentions, block_mentions))
-    lqp, lkp, dp = _padded(lq), _padded(lk), _padded(d)
+    constants, options = launch_parameters(lq, lk, d, dtype, needed is not None, block_mentions)
     _g2l_grid_kernel[grid](
         query, key, value, scaled_global, global_bias, needed if needed is not None else out, out,
-        num_mentions, num_entities, float(norm.eps),
-        LQ=lq, LK=lk, D=d, LQP=lqp, LKP=lkp, DP=dp,
-        BLOCK_B=block_mentions, HAS_MASK=needed is not None, IEEE=dtype == torch.float32,
-        # Triton's CPU interpreter multiplies half-precision dot operands wrongly (triton 3.9): upcast there only.
-        UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and dtype != torch.float32,
-        num_warps=8 if max(lqp, lkp) * dp >= 8192 else 4,  # B/32 widths: query, keys and values of 64 x 128
+        num_mentions, num_entities, float(norm.eps), **constants, **options,
     )
     return out

@@ -90,3 +90,32 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
     assert all(r["agrees"] for r in results) and results[0]["ranks_equal"] == 1.0
     assert results[0]["max_abs_diff"] < 1e-4 * results[0]["score_spread"]
+
+
+@pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
+def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, targets):
+    """Triton's interpreter does not compile; this does what the launch on an A100 (sm_80) or H100/H200 (sm_90) would
+    compile, at the tiny model's widths and at B/32's, and checks the machine code: no spills, the attention products
+    on tensor cores in bfloat16 and on FMA units in float32 (IEEE, for exact ranks)."""
+    pytest.importorskip("triton.backends.nvidia")
+    output = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kernel_compile.py"), "--model", model, "--targets", targets,
+         "--dtypes", "float32,bfloat16", "--json", output],
+        capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "TRITON_DEFAULT_FP_FUSION" not in completed.stderr  # the launch states FP fusion (Triton 3.9 warns if not)
+    results = json.loads(output.read_text())["results"]
+    assert {r["target"] for r in results} == {f"sm_{t}" for t in targets.split(",")}
+    assert len(results) == len(targets.split(",")) * 2 * 2 * 2  # targets x dtypes x G2L blocks x (masked or not)
+    for result in results:
+        assert result["stack_bytes"] == 0 and 0 < result["registers"] <= 255, result
+        if result["dtype"] == "float32":
+            assert result["tensor_core_instructions"] == 0 and result["fma_instructions"] > 0, result
+        elif result["block"] == "text" or model == "b32":  # tiny's image grid (17 tokens) is too small for them
+            assert result["tensor_core_instructions"] > 0, result
+    width = "text 40x40x16" if model == "tiny" else "image 50x50x96"
+    assert f"| sm_90 | bfloat16 | {width} | yes |" in completed.stdout

@@ -1,0 +1,148 @@
+"""The fused G2L kernel compiled ahead of time for NVIDIA GPUs, on a machine that has none: for every target, dtype
+and G2L block (text, image) of a model, what the launch in `kernels_m3el.py` would compile, and what the compiled code
+uses: registers and stack (spills) per thread, shared memory, and whether the attention products run on tensor cores
+(`wgmma` on Hopper, `mma` on Ampere; half precision) or on FMA units (float32, `input_precision="ieee"`).
+
+Triton compiles through its own LLVM and `ptxas`; no CUDA driver is needed. The figures hold for the installed
+Triton version; the GPU's own Triton (bundled with its PyTorch) may differ.
+
+    python benchmarks/kernel_compile.py --model b32                    # sm_80 and sm_90, ViT-B/32 widths
+    python benchmarks/kernel_compile.py --check                        # the tiny model, for tests
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import feature_shapes, markdown_table, write_json
+
+from modeling_m3el import M3ELConfig
+from modeling_m3el.kernels_m3el import triton
+from modeling_m3el.tiny import tiny_config, tiny_processor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+# PTX's tensor-core matrix products: `wgmma.mma_async` (Hopper's warp-group MMA) and `mma.sync` (Ampere's, which
+# Triton also emits on Hopper for shapes too small for a warp group).
+TENSOR_CORE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\.", re.MULTILINE)
+
+
+def widths(config: M3ELConfig) -> dict[str, tuple[int, int, int]]:
+    """(entity tokens, mention tokens, channels) of the text and image G2L grids: both sides of a block are of one
+    modality, so the two token counts are equal."""
+    shapes = feature_shapes(config)
+    d = config.matching_dim
+    return {"text": (shapes["text_tokens"][0],) * 2 + (d,), "image": (shapes["image_tokens"][0],) * 2 + (d,)}
+
+
+def signature(dtype: torch.dtype, has_mask: bool, constants: dict) -> tuple[dict, dict]:
+    """The kernel's argument types as its launch passes them, and the alignment Triton's launcher finds for them
+    (every pointer 16-byte aligned, as PyTorch allocates)."""
+    from modeling_m3el.kernels_m3el import _g2l_grid_kernel
+
+    types = {}
+    for name in _g2l_grid_kernel.arg_names:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name in ("query_ptr", "key_ptr", "value_ptr"):
+            types[name] = POINTER[dtype]
+        elif name == "needed_ptr":
+            types[name] = "*i8" if has_mask else "*fp32"  # without a mask the launch passes the output
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32"
+        elif name.startswith("num_"):
+            types[name] = "i32"
+        else:
+            types[name] = "fp32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_g2l_grid_kernel.arg_names)
+             if types[name].startswith("*")}
+    return types, attrs
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers and stack bytes per thread, from `cuobjdump -res-usage` (shipped with Triton)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        report = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's report:\n{report}")
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
+
+
+def compile_for(capability: int, dtype: torch.dtype, lq: int, lk: int, d: int, has_mask: bool) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from modeling_m3el.kernels_m3el import _g2l_grid_kernel, launch_parameters
+
+    constants, options = launch_parameters(lq, lk, d, dtype, has_mask)
+    types, attrs = signature(dtype, has_mask, constants)
+    start = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(_g2l_grid_kernel, types, constants, attrs),
+        target=GPUTarget("cuda", capability, 32),
+        options=options,
+    )
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm["ptx"]
+    return {
+        **resources(compiled.asm["cubin"]),
+        "shared_bytes": int(compiled.metadata.shared),
+        "num_warps": options["num_warps"],
+        "tensor_core_instructions": len(TENSOR_CORE.findall(ptx)),
+        "fma_instructions": len(re.findall(r"^\s*fma\.rn\.f32", ptx, re.MULTILINE)),
+        "compile_seconds": seconds,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "b32"), default="b32")
+    parser.add_argument("--targets", default="80,90", help="compute capabilities: 80 (A100), 90 (H100, H200)")
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--check", action="store_true", help="the tiny model (for tests)")
+    # Accepted for the shared benchmark test harness; nothing here runs on a device.
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if triton is None:
+        print("Triton is not installed: pip install -e '.[kernels]'", file=sys.stderr)
+        return 1
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 is set: unset it to compile", file=sys.stderr)
+        return 1
+    if args.check:
+        args.model = "tiny"
+    config = tiny_config(tiny_processor()) if args.model == "tiny" else M3ELConfig()
+    rows, results = [], []
+    for capability in (int(t) for t in args.targets.split(",")):
+        for dtype_name in args.dtypes.split(","):
+            for block, (lq, lk, d) in widths(config).items():
+                for has_mask in (False, True):
+                    result = compile_for(capability, DTYPES[dtype_name], lq, lk, d, has_mask)
+                    results.append({"target": f"sm_{capability}", "dtype": dtype_name, "block": block,
+                                    "widths": [lq, lk, d], "masked": has_mask, **result})
+                    rows.append([f"sm_{capability}", dtype_name, f"{block} {lq}x{lk}x{d}",
+                                 "yes" if has_mask else "no", result["num_warps"], result["registers"],
+                                 result["stack_bytes"], f"{result['shared_bytes'] / 1024:.0f}",
+                                 result["tensor_core_instructions"], result["fma_instructions"]])
+    print(f"Triton {triton.__version__}, {args.model} widths (entity tokens x mention tokens x channels)\n")
+    print(markdown_table(["target", "dtype", "G2L block", "mask", "warps", "registers/thread", "stack (spill) B",
+                          "shared KiB", "tensor-core instr.", "FMA instr."], rows))
+    write_json(args.json, {"model": args.model, "triton": triton.__version__, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
