@@ -315,9 +315,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     payload = run(args)
     print(f"# Exact ranking vs the authors' loop: {args.model} model, {args.mode}, {payload['machine']}")
-    kernel = "fused Triton kernel" if payload["results"] and payload["results"][0]["fused_g2l_kernel"] else "PyTorch"
+    kernel = "the fused Triton kernel" if payload["results"] and payload["results"][0]["fused_g2l_kernel"] else "PyTorch"
     print(f"# exact ranker: {args.exact_batch} mentions per call, {args.memory_budget / 2**20:.0f} MiB attention "
-          f"budget, G2L by the {kernel}; "
+          f"budget, G2L by {kernel}; "
           f"naive: {args.mention_batch} mentions per batch, {args.entity_chunk} entities per chunk")
     print(table(payload))
     write_json(args.json, payload)
