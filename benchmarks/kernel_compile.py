@@ -22,7 +22,7 @@ import torch
 
 from common import feature_shapes, markdown_table, write_json
 
-from modeling_m3el import M3ELConfig
+from modeling_m3el import M3ELConfig, kernels_m3el
 from modeling_m3el.kernels_m3el import triton
 from modeling_m3el.tiny import tiny_config, tiny_processor
 
@@ -44,10 +44,9 @@ def widths(config: M3ELConfig) -> dict[str, tuple[int, int, int]]:
 def signature(dtype: torch.dtype, has_mask: bool, constants: dict) -> tuple[dict, dict]:
     """The kernel's argument types as its launch passes them, and the alignment Triton's launcher finds for them
     (every pointer 16-byte aligned, as PyTorch allocates)."""
-    from modeling_m3el.kernels_m3el import _g2l_grid_kernel
-
+    arg_names = kernels_m3el._g2l_grid_kernel.arg_names
     types = {}
-    for name in _g2l_grid_kernel.arg_names:
+    for name in arg_names:
         if name in constants:
             types[name] = "constexpr"
         elif name in ("query_ptr", "key_ptr", "value_ptr"):
@@ -60,8 +59,7 @@ def signature(dtype: torch.dtype, has_mask: bool, constants: dict) -> tuple[dict
             types[name] = "i32"
         else:
             types[name] = "fp32"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(_g2l_grid_kernel.arg_names)
-             if types[name].startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(arg_names) if types[name].startswith("*")}
     return types, attrs
 
 
@@ -83,13 +81,11 @@ def compile_for(capability: int, dtype: torch.dtype, lq: int, lk: int, d: int, h
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from modeling_m3el.kernels_m3el import _g2l_grid_kernel, launch_parameters
-
-    constants, options = launch_parameters(lq, lk, d, dtype, has_mask)
+    constants, options = kernels_m3el.launch_parameters(lq, lk, d, dtype, has_mask)
     types, attrs = signature(dtype, has_mask, constants)
     start = time.perf_counter()
     compiled = triton.compile(
-        ASTSource(_g2l_grid_kernel, types, constants, attrs),
+        ASTSource(kernels_m3el._g2l_grid_kernel, types, constants, attrs),
         target=GPUTarget("cuda", capability, 32),
         options=options,
     )
@@ -110,6 +106,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=("tiny", "b32"), default="b32")
     parser.add_argument("--targets", default="80,90", help="compute capabilities: 80 (A100), 90 (H100, H200)")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--float32-precision", choices=("ieee", "tf32x3"), default=None,
+                        help="float32 products (default: the launch's, kernels_m3el.FLOAT32_PRECISION)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--check", action="store_true", help="the tiny model (for tests)")
     # Accepted for the shared benchmark test harness; nothing here runs on a device.
@@ -124,6 +122,7 @@ def main(argv=None) -> int:
         return 1
     if args.check:
         args.model = "tiny"
+    kernels_m3el.FLOAT32_PRECISION = args.float32_precision or kernels_m3el.FLOAT32_PRECISION
     config = tiny_config(tiny_processor()) if args.model == "tiny" else M3ELConfig()
     rows, results = [], []
     for capability in (int(t) for t in args.targets.split(",")):
@@ -131,9 +130,10 @@ def main(argv=None) -> int:
             for block, (lq, lk, d) in widths(config).items():
                 for has_mask in (False, True):
                     result = compile_for(capability, DTYPES[dtype_name], lq, lk, d, has_mask)
-                    results.append({"target": f"sm_{capability}", "dtype": dtype_name, "block": block,
-                                    "widths": [lq, lk, d], "masked": has_mask, **result})
-                    rows.append([f"sm_{capability}", dtype_name, f"{block} {lq}x{lk}x{d}",
+                    precision = kernels_m3el.FLOAT32_PRECISION if dtype_name == "float32" else "native"
+                    results.append({"target": f"sm_{capability}", "dtype": dtype_name, "precision": precision,
+                                    "block": block, "widths": [lq, lk, d], "masked": has_mask, **result})
+                    rows.append([f"sm_{capability}", f"{dtype_name} ({precision})", f"{block} {lq}x{lk}x{d}",
                                  "yes" if has_mask else "no", result["num_warps"], result["registers"],
                                  result["stack_bytes"], f"{result['shared_bytes'] / 1024:.0f}",
                                  result["tensor_core_instructions"], result["fma_instructions"]])

@@ -27,6 +27,9 @@ except ImportError:
 
 KERNEL_ENV = "M3EL_G2L_KERNEL"
 FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the PyTorch path begins
+# How float32 attention products are computed: "ieee", exact float32 on FMA units (what the exact ranker promises);
+# `benchmarks/check_kernel.py` also measures "tf32x3" (three TF32 tensor-core products, close to float32).
+FLOAT32_PRECISION = "ieee"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
 _kernel_failure: str | None = None
@@ -60,7 +63,7 @@ if triton is not None:
         num_mentions, num_entities, eps,
         LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr,
         LQP: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
-        BLOCK_B: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_B: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         entity = tl.program_id(0).to(tl.int64)  # 64-bit offsets: E * LQ * D passes 2**31 for large chunks
         first = tl.program_id(1).to(tl.int64) * BLOCK_B
@@ -91,10 +94,10 @@ if triton is not None:
                     if UPCAST:
                         key = key.to(tl.float32)
                     value = tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
-                    if IEEE:
-                        scores = tl.dot(query, tl.trans(key), input_precision="ieee")
-                    else:
+                    if PRECISION == "":  # half precision: the tensor cores' own products
                         scores = tl.dot(query, tl.trans(key))
+                    else:  # float32: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core products)
+                        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)
                     # softmax over the mention's tokens (no padding mask in the model: only the block's padding)
                     scores = tl.where(rows_k[None, :] < LK, scores, float("-inf"))
                     scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
@@ -158,25 +161,27 @@ def launch_parameters(
     `lq`, mention tokens `lk`, channels `d`): what `fused_global_to_local` launches, and what
     `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
     lqp, lkp, dp = _padded(lq), _padded(lk), _padded(d)
+    precision = FLOAT32_PRECISION if dtype == torch.float32 else ""
     constants = {
         "LQ": lq, "LK": lk, "D": d, "LQP": lqp, "LKP": lkp, "DP": dp,
-        "BLOCK_B": block_mentions, "HAS_MASK": has_mask, "IEEE": dtype == torch.float32,
+        "BLOCK_B": block_mentions, "HAS_MASK": has_mask, "PRECISION": precision,
         # Triton's CPU interpreter multiplies half-precision dot operands wrongly (triton 3.9): upcast there only.
         "UPCAST": os.environ.get("TRITON_INTERPRET") == "1" and dtype != torch.float32,
     }
     # FP fusion (multiply-adds fused) stated rather than left to Triton's default, which Triton 3.9 warns about
-    options = {"num_warps": warps_for(lqp, lkp, dp, dtype), "enable_fp_fusion": True}
+    options = {"num_warps": warps_for(lqp, lkp, dp, precision), "enable_fp_fusion": True}
     return constants, options
 
 
-def warps_for(lqp: int, lkp: int, dp: int, dtype: torch.dtype) -> int:
-    """Warps per program. Small tiles: 4. From B/32 widths on (query, keys and values of 64 x 128): 8 in half
-    precision (64-128 registers a thread on sm_80/sm_90), 16 in float32, whose IEEE products run on FMA units and
-    hold more in registers: with 8 warps a thread needs 238-255 registers, the most there are, and spills on sm_90;
-    with 16, 96-122 and no spill (`benchmarks/kernel_compile.py`; `benchmarks/check_kernel.py` times both)."""
+def warps_for(lqp: int, lkp: int, dp: int, precision: str) -> int:
+    """Warps per program. Small tiles: 4. From B/32 widths on (query, keys and values of 64 x 128): 8, except for
+    float32 products on FMA units (`precision` "ieee"), which hold more in registers: with 8 warps a thread needs
+    238-255 registers, the most there are, and spills on sm_90; with 16, 96-122 and no spill
+    (`benchmarks/kernel_compile.py`; `benchmarks/check_kernel.py` times both). Half precision (`precision` "") and
+    TF32x3 fit 8 warps without spilling on sm_90 (TF32x3 spills on sm_80, and at 16 warps)."""
     if max(lqp, lkp) * dp < 8192:
         return 4
-    return 16 if dtype == torch.float32 else 8
+    return 16 if precision == "ieee" else 8
 
 
 def fused_global_to_local(

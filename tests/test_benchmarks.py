@@ -82,7 +82,7 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1")
     completed = subprocess.run(
         [sys.executable, str(BENCHMARKS / "check_kernel.py"), "--check", "--device", "cpu", "--threads", "1",
-         "--json", output],
+         "--variants", "--json", output],
         capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -90,6 +90,15 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
     assert all(r["agrees"] for r in results) and results[0]["ranks_equal"] == 1.0
     assert results[0]["max_abs_diff"] < 1e-4 * results[0]["score_spread"]
+    # The launch variants (warps and float32 precision, which the interpreter ignores) give the same scores.
+    assert [v["variant"] for v in results[0]["variants"]] == ["8 warps, ieee", "16 warps, ieee", "8 warps, tf32x3"]
+    assert [v["variant"] for v in results[1]["variants"]] == ["8 warps", "16 warps"]
+    for result in results:
+        for variant in result["variants"]:
+            assert variant["max_abs_diff"] == result["max_abs_diff"], variant
+            assert variant.get("ranks_equal", result["ranks_equal"]) == result["ranks_equal"], variant
+    assert "ranks_equal" in results[0]["variants"][2]  # TF32x3 products: its pruned ranks are compared too
+    assert "| 40 | float32 | 8 warps, tf32x3 |" in completed.stdout
 
 
 @pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
@@ -118,4 +127,4 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
         elif result["block"] == "text" or model == "b32":  # tiny's image grid (17 tokens) is too small for them
             assert result["tensor_core_instructions"] > 0, result
     width = "text 40x40x16" if model == "tiny" else "image 50x50x96"
-    assert f"| sm_90 | bfloat16 | {width} | yes |" in completed.stdout
+    assert f"| sm_90 | bfloat16 (native) | {width} | yes |" in completed.stdout
