@@ -116,7 +116,10 @@ def main(argv=None):
     for variant in variants:
         results.append(run(args.model, args.mode, args.device, args.batch, args.steps, args.warmup, variant, args.seed))
         # Each variant's line as soon as it is measured: a later one that fails or runs out of time loses nothing.
-        print(f"{variant}: {results[-1]['ms_per_step']:.1f} ms/step", flush=True)
+        result = results[-1]
+        peak = "-" if result["peak_gib"] is None else f"{result['peak_gib']:.2f} GiB"
+        print(f"{variant}: {result['ms_per_step']:.1f} ms/step, {result['mentions_per_s']:.0f} mentions/s, peak {peak}",
+              flush=True)
     print(f"Training step, {args.model} model, {args.mode}, batch {args.batch}, {args.steps} timed steps; "
           f"{machine(args.device)}")
     print(markdown_table(
