@@ -176,9 +176,9 @@ def launch_parameters(
 def warps_for(lqp: int, lkp: int, dp: int, precision: str) -> int:
     """Warps per program. Small tiles: 4. From B/32 widths on (query, keys and values of 64 x 128): 8, except for
     float32 products on FMA units (`precision` "ieee"), which hold more in registers: with 8 warps a thread needs
-    238-255 registers, the most there are, and spills on sm_90; with 16, 96-122 and no spill
-    (`benchmarks/kernel_compile.py`; `benchmarks/check_kernel.py` times both). Half precision (`precision` "") and
-    TF32x3 fit 8 warps without spilling on sm_90 (TF32x3 spills on sm_80, and at 16 warps)."""
+    224-255 registers, the most there are (Triton 3.6 and 3.9, sm_80 and sm_90), with 16 warps 64-122, twice as
+    many warps resident per SM (`benchmarks/kernel_compile.py`; `benchmarks/check_kernel.py` times both). Half
+    precision (`precision` "") and TF32x3 take 8."""
     if max(lqp, lkp) * dp < 8192:
         return 4
     return 16 if precision == "ieee" else 8
