@@ -21,9 +21,8 @@ import torch
 from common import add_common_arguments, apply_threads, build_model, generator_for, machine, markdown_table
 from common import parse_sizes, random_features, timed, write_json
 
-from modeling_m3el import M3ELFeatures
+from modeling_m3el import M3ELFeatures, kernels_m3el
 from modeling_m3el.index_m3el import EntityIndex
-from modeling_m3el import kernels_m3el
 from modeling_m3el.kernels_m3el import FALLBACK, KERNEL_ENV
 
 # Launch variants timed on CUDA next to the launch `kernels_m3el` chooses (label, warps, float32 precision): the

@@ -4,7 +4,8 @@ uses: registers and stack (spills) per thread, shared memory, and whether the at
 (`wgmma` on Hopper, `mma` on Ampere; half precision) or on FMA units (float32, `input_precision="ieee"`).
 
 Triton compiles through its own LLVM and `ptxas`; no CUDA driver is needed. The figures hold for the installed
-Triton version; the GPU's own Triton (bundled with its PyTorch) may differ.
+Triton version; the GPU's own Triton (bundled with its PyTorch) may differ: to check another version, install it
+beside the first (`pip install --no-deps --target DIR triton==X.Y.Z`) and run with `PYTHONPATH=DIR`.
 
     python benchmarks/kernel_compile.py --model b32                    # sm_80 and sm_90, ViT-B/32 widths
     python benchmarks/kernel_compile.py --check                        # the tiny model, for tests
@@ -110,9 +111,6 @@ def main(argv=None) -> int:
                         help="float32 products (default: the launch's, kernels_m3el.FLOAT32_PRECISION)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--check", action="store_true", help="the tiny model (for tests)")
-    # Accepted for the shared benchmark test harness; nothing here runs on a device.
-    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if triton is None:
         print("Triton is not installed: pip install -e '.[kernels]'", file=sys.stderr)
