@@ -72,6 +72,9 @@ def main():
     if accelerator.is_main_process:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)
+    # The process group torn down before exit: left to the interpreter's exit, gloo's teardown once aborted a rank
+    # (SIGABRT, "terminate called without an active exception") on a loaded machine.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
