@@ -19,6 +19,8 @@ import torch
 
 from common import (
     add_common_arguments,
+    add_launch_argument,
+    apply_launch,
     apply_threads,
     best_of,
     build_model,
@@ -125,7 +127,7 @@ def mrr(ranks: torch.Tensor) -> float:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, sizes="6000,20000")
+    add_launch_argument(add_common_arguments(parser, sizes="6000,20000"))
     parser.add_argument("--mentions", type=int, default=None, help="mentions the exact ranker ranks (default 256 on "
                         "GPU, 64 on CPU)")
     parser.add_argument("--naive-mentions", type=int, default=None, help="mentions the naive loop ranks, the first of "
@@ -161,6 +163,7 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     apply_threads(args.threads)
+    apply_launch(args.launch)
     device = torch.device(args.device)
     model = build_model(args.model, args.mode, device, args.seed)
     config = model.config

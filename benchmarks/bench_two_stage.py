@@ -17,6 +17,8 @@ import torch
 from common import (
     DTYPES,
     add_common_arguments,
+    add_launch_argument,
+    apply_launch,
     apply_threads,
     best_of,
     build_model,
@@ -62,7 +64,7 @@ def random_index(model, num_entities: int, device, dtype, generator, keep_rows: 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, sizes="2000,10000")
+    add_launch_argument(add_common_arguments(parser, sizes="2000,10000"))
     parser.add_argument("--backends", default="flat,ivf,hnsw", help="comma-separated: flat, ivf, hnsw, torch")
     parser.add_argument("--k", default="0.5%,2%", help="comma-separated K: entity counts or percentages of the KB "
                         f"(at most {100 * MAX_K_FRACTION:g}%%)")
@@ -115,6 +117,7 @@ def in_batches(fn, mentions: M3ELFeatures, batch: int):
 
 def run(args) -> dict:
     apply_threads(args.threads)
+    apply_launch(args.launch)
     device = torch.device(args.device)
     model = build_model(args.model, args.mode, device, args.seed)
     dtype = DTYPES[args.index_dtype]

@@ -37,6 +37,27 @@ def add_common_arguments(parser, sizes: str):
     return parser
 
 
+def add_launch_argument(parser):
+    parser.add_argument("--launch", help="a JSON file of fused-kernel launches per index dtype, as `check_kernel.py "
+                        "--launch-out` writes the fastest ones that agree (default: kernels_m3el.LAUNCH)")
+    return parser
+
+
+def apply_launch(path: str | None) -> None:
+    """Launch the fused G2L kernel as the JSON file says (see `add_launch_argument`), and say so."""
+    if path is None:
+        return
+    from modeling_m3el import kernels_m3el
+
+    with open(path) as handle:
+        launches = json.load(handle)
+    for dtype, launch in launches.items():
+        if dtype not in kernels_m3el.LAUNCH:
+            raise SystemExit(f"{path}: unknown index dtype {dtype!r} (expected one of {list(kernels_m3el.LAUNCH)})")
+        kernels_m3el.LAUNCH[dtype] = dict(launch)
+    print(f"# fused-kernel launch from {path}: {json.dumps(kernels_m3el.LAUNCH)}")
+
+
 def apply_threads(threads: int | None) -> None:
     if threads is None:
         return

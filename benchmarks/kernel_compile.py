@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="80,90", help="compute capabilities: 80 (A100), 90 (H100, H200)")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
     parser.add_argument("--float32-precision", choices=("ieee", "tf32x3"), default=None,
-                        help="float32 products (default: the launch's, kernels_m3el.FLOAT32_PRECISION)")
+                        help="float32 products (default: the launch's, kernels_m3el.LAUNCH['float32'])")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--check", action="store_true", help="the tiny model (for tests)")
     args = parser.parse_args(argv)
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         return 1
     if args.check:
         args.model = "tiny"
-    kernels_m3el.FLOAT32_PRECISION = args.float32_precision or kernels_m3el.FLOAT32_PRECISION
+    if args.float32_precision:
+        kernels_m3el.LAUNCH["float32"] = {**kernels_m3el.LAUNCH["float32"], "precision": args.float32_precision}
     config = tiny_config(tiny_processor()) if args.model == "tiny" else M3ELConfig()
     rows, results = [], []
     for capability in (int(t) for t in args.targets.split(",")):
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             for block, (lq, lk, d) in widths(config).items():
                 for has_mask in (False, True):
                     result = compile_for(capability, DTYPES[dtype_name], lq, lk, d, has_mask)
-                    precision = kernels_m3el.FLOAT32_PRECISION if dtype_name == "float32" else "native"
+                    precision = kernels_m3el.LAUNCH["float32"]["precision"] if dtype_name == "float32" else "native"
                     results.append({"target": f"sm_{capability}", "dtype": dtype_name, "precision": precision,
                                     "block": block, "widths": [lq, lk, d], "masked": has_mask, **result})
                     rows.append([f"sm_{capability}", f"{dtype_name} ({precision})", f"{block} {lq}x{lk}x{d}",

@@ -11,6 +11,8 @@
 #   5. (issue 4 b) two-stage retrieval at 1M entities, then at 100k
 #   6. extras: the exact ranker with PyTorch's G2L instead of the kernel; the training step with bf16 autocast alone
 #      (the authors' bf16 setting) and with torch.compile
+# `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 4 minutes (BUDGET_S default 290):
+# its check and launch variants, then exact ranking and two-stage retrieval with the fastest launches that agree.
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
@@ -21,7 +23,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/gpu_results}"
 mkdir -p "$OUT"
 START=$SECONDS
-BUDGET_S="${BUDGET_S:-560}"
+default_budget=560
+[ "${1:-all}" = kernel ] && default_budget=290
+BUDGET_S="${BUDGET_S:-$default_budget}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -57,6 +61,22 @@ bench() {  # bench NAME LABEL LIMIT_SECONDS ARGS...: one step, cut to the time l
     status=1
   fi
 }
+
+if [ "${1:-all}" = kernel ]; then
+  # The fused kernel's figures alone (about 4 minutes): its check and launch variants, whose fastest launches that
+  # agree (launch.json) the exact ranking at WikiMEL's size and the two-stage retrieval then use.
+  bench check_kernel fused_kernel_check 100 --model b32 --sizes 4096 --launch-out "$OUT/launch.json"
+  launch=()
+  [ -f "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json")
+  bench bench_exact_ranking exact_ranking_110k 90 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
+    "${launch[@]}"
+  bench bench_two_stage two_stage_1m 60 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
+    --index-dtype bfloat16 "${launch[@]}"
+  bench bench_two_stage two_stage_100k 40 --model b32 --sizes 100000 --backends torch --k 0.1%,1%,2% \
+    --mentions 256 "${launch[@]}"
+  echo -e "\n(run_gpu.sh kernel: $((SECONDS - START)) s)" | tee -a "$TABLES"
+  exit $status
+fi
 
 if [ "${1:-all}" = training ]; then
   # Both CLIP passes, the matcher, the loss, backward and AdamW; 50 timed steps per variant after 5 warm-up steps:

@@ -27,9 +27,15 @@ except ImportError:
 
 KERNEL_ENV = "M3EL_G2L_KERNEL"
 FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the PyTorch path begins
-# How float32 attention products are computed: "ieee", exact float32 on FMA units (what the exact ranker promises);
-# `benchmarks/check_kernel.py` also measures "tf32x3" (three TF32 tensor-core products, close to float32).
-FLOAT32_PRECISION = "ieee"
+# How the kernel is launched, per index dtype ("float32"; "half": bfloat16 and float16): the query rows of a program
+# (the token rows of as many whole entities as fit: at B/32 widths 128 rows hold 3 entities of 40 text tokens, 2 of
+# 50 image tokens), its warps (4 for tiles smaller than 128 x 128), and for float32 how the attention products are
+# computed: "ieee", float32 on FMA units, or "tf32x3", three TF32 tensor-core products (error near float32's).
+# `benchmarks/check_kernel.py` times the alternatives on a GPU and compares their scores and ranks.
+LAUNCH = {
+    "float32": {"rows": 128, "warps": 16, "precision": "ieee"},
+    "half": {"rows": 128, "warps": 8},
+}
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
 _kernel_failure: str | None = None
@@ -61,56 +67,67 @@ if triton is not None:
     def _g2l_grid_kernel(
         query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, needed_ptr, out_ptr,
         num_mentions, num_entities, eps,
-        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr,
-        LQP: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
-        BLOCK_B: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, BLOCK_B: tl.constexpr,
+        HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        entity = tl.program_id(0).to(tl.int64)  # 64-bit offsets: E * LQ * D passes 2**31 for large chunks
-        first = tl.program_id(1).to(tl.int64) * BLOCK_B
-        rows_q, rows_k, dims = tl.arange(0, LQP), tl.arange(0, LKP), tl.arange(0, DP)
-        mentions = first + tl.arange(0, BLOCK_B)
-        active = mentions < num_mentions
-        if HAS_MASK:
-            active = active & (tl.load(needed_ptr + mentions * num_entities + entity, mask=active, other=0) != 0)
-        if tl.sum(active.to(tl.int32), axis=0) > 0:
-            in_d = dims < D
-            query = tl.load(
-                query_ptr + entity * (LQ * D) + rows_q[:, None] * D + dims[None, :],
-                mask=(rows_q[:, None] < LQ) & in_d[None, :], other=0.0,
-            )
-            if UPCAST:
-                query = query.to(tl.float32)
-            scaled_global = tl.load(scaled_global_ptr + entity * D + dims, mask=in_d, other=0.0).to(tl.float32)
-            bias = tl.load(global_bias_ptr + entity).to(tl.float32)
-            token_mask = (rows_k[:, None] < LK) & in_d[None, :]
-            for i in range(BLOCK_B):
-                mention = first + i
-                take = mention < num_mentions
-                if HAS_MASK:
-                    take = take & (tl.load(needed_ptr + mention * num_entities + entity, mask=take, other=0) != 0)
-                if take:
-                    offsets = mention * (LK * D) + rows_k[:, None] * D + dims[None, :]
-                    key = tl.load(key_ptr + offsets, mask=token_mask, other=0.0)
-                    if UPCAST:
-                        key = key.to(tl.float32)
-                    value = tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
-                    if PRECISION == "":  # half precision: the tensor cores' own products
-                        scores = tl.dot(query, tl.trans(key))
-                    else:  # float32: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core products)
-                        scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)
-                    # softmax over the mention's tokens (no padding mask in the model: only the block's padding)
-                    scores = tl.where(rows_k[None, :] < LK, scores, float("-inf"))
-                    scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-                    attention = scores / tl.sum(scores, axis=1)[:, None]
-                    attention = tl.where(rows_q[:, None] < LQ, attention, 0.0)
-                    weights = tl.sum(attention, axis=0) / LQ  # mean over the entity's tokens, (LKP,)
-                    context = tl.sum(weights[:, None] * value, axis=0)  # (DP,)
-                    # LayerNorm over the D channels, folded into the dot with c_e: <c, gamma n + beta>
-                    mean = tl.sum(context, axis=0) / D
-                    centered = tl.where(in_d, context - mean, 0.0)
-                    variance = tl.sum(centered * centered, axis=0) / D
-                    normalized = centered / tl.sqrt(variance + eps)
-                    tl.store(out_ptr + mention * num_entities + entity, tl.sum(normalized * scaled_global, axis=0) + bias)
+        # A program: BLOCK_E consecutive entities (their BLOCK_E * LQ token rows, contiguous in memory, padded to
+        # ROWS) against BLOCK_B consecutive mentions, one mention at a time. 64-bit offsets: E * LQ * D passes 2**31.
+        first_entity = tl.program_id(0).to(tl.int64) * BLOCK_E
+        first_mention = tl.program_id(1).to(tl.int64) * BLOCK_B
+        rows, tokens, dims, slots = tl.arange(0, ROWS), tl.arange(0, LKP), tl.arange(0, DP), tl.arange(0, EP)
+        in_d = dims < D
+        row_slot = rows // LQ  # the entity (slot of the block) each query row belongs to
+        row_valid = (row_slot < BLOCK_E) & (first_entity + row_slot < num_entities)
+        query = tl.load(
+            query_ptr + (first_entity * LQ + rows)[:, None] * D + dims[None, :],
+            mask=row_valid[:, None] & in_d[None, :], other=0.0,
+        )
+        if UPCAST:
+            query = query.to(tl.float32)
+        # (EP, ROWS) 0/1: which rows each entity of the block owns. Its product with the softmax rows sums them per
+        # entity on the tensor cores (exact in any precision: the ones and zeros are).
+        segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
+        entities = first_entity + slots
+        slot_valid = (slots < BLOCK_E) & (entities < num_entities)
+        scaled_global = tl.load(
+            scaled_global_ptr + entities[:, None] * D + dims[None, :], mask=slot_valid[:, None] & in_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        bias = tl.load(global_bias_ptr + entities, mask=slot_valid, other=0.0).to(tl.float32)
+        token_mask = (tokens[:, None] < LK) & in_d[None, :]
+        for i in range(BLOCK_B):
+            mention = first_mention + i
+            # (the comparison made on a vector: Triton's interpreter gives a scalar one and a vector the wrong type)
+            wanted = slot_valid & (tl.zeros([EP], dtype=tl.int64) + mention < num_mentions)
+            if HAS_MASK:
+                needed = tl.load(needed_ptr + mention * num_entities + entities, mask=wanted, other=0)
+                wanted = wanted & (needed != 0)
+            if tl.max(wanted.to(tl.int32), axis=0) > 0:
+                offsets = mention * (LK * D) + tokens[:, None] * D + dims[None, :]
+                key = tl.load(key_ptr + offsets, mask=token_mask, other=0.0)
+                if UPCAST:
+                    key = key.to(tl.float32)
+                value = tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
+                if PRECISION == "":  # half precision: the tensor cores' own products
+                    scores = tl.dot(query, tl.trans(key))  # (ROWS, LKP)
+                else:  # float32: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core products)
+                    scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)
+                # softmax of every query row over the mention's tokens (no padding mask in the model: only the
+                # padding of LKP); rows are whole within a warp, so these reductions stay in it
+                scores = tl.where(tokens[None, :] < LK, scores, float("-inf"))
+                scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+                attention = scores / tl.sum(scores, axis=1)[:, None]
+                # mean over each entity's rows, then the weighted sum of the mention's values: two small products
+                weights = tl.dot(segment, attention, input_precision=SMALL_PRECISION) / LQ  # (EP, LKP)
+                context = tl.dot(weights, value, input_precision=SMALL_PRECISION)  # (EP, DP)
+                # LayerNorm over the D channels, folded into the dot with c_e: <c, gamma n + beta>
+                mean = tl.sum(context, axis=1) / D
+                centered = tl.where(in_d[None, :], context - mean[:, None], 0.0)
+                variance = tl.sum(centered * centered, axis=1) / D
+                normalized = centered / tl.sqrt(variance + eps)[:, None]
+                score = tl.sum(normalized * scaled_global, axis=1) + bias
+                tl.store(out_ptr + mention * num_entities + entities, score, mask=wanted)
 
 
 def record_failure(error: Exception) -> None:
@@ -158,30 +175,26 @@ def launch_parameters(
     lq: int, lk: int, d: int, dtype: torch.dtype, has_mask: bool, block_mentions: int = 32
 ) -> tuple[dict, dict]:
     """The kernel's compile-time constants and compile options (warps, FP fusion) for these widths (entity tokens
-    `lq`, mention tokens `lk`, channels `d`): what `fused_global_to_local` launches, and what
+    `lq`, mention tokens `lk`, channels `d`) by `LAUNCH`: what `fused_global_to_local` launches, and what
     `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
-    lqp, lkp, dp = _padded(lq), _padded(lk), _padded(d)
-    precision = FLOAT32_PRECISION if dtype == torch.float32 else ""
+    launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
+    lkp, dp = _padded(lk), _padded(d)
+    rows = max(launch["rows"], _padded(lq))  # a program's query rows: as many whole entities as fit
+    block_entities = rows // lq
+    precision = launch.get("precision", "")  # "": half precision, the tensor cores' own products
     constants = {
-        "LQ": lq, "LK": lk, "D": d, "LQP": lqp, "LKP": lkp, "DP": dp,
-        "BLOCK_B": block_mentions, "HAS_MASK": has_mask, "PRECISION": precision,
+        "LQ": lq, "LK": lk, "D": d, "LKP": lkp, "DP": dp,
+        "ROWS": rows, "BLOCK_E": block_entities, "EP": _padded(block_entities), "BLOCK_B": block_mentions,
+        "HAS_MASK": has_mask, "PRECISION": precision,
+        # the two small products (per-entity sums of the attention, then the values): float32's own precision for
+        # a float32 index, TF32 for a half-precision one (finer than the bf16/fp16 inputs)
+        "SMALL_PRECISION": precision or "tf32",
         # Triton's CPU interpreter multiplies half-precision dot operands wrongly (triton 3.9): upcast there only.
         "UPCAST": os.environ.get("TRITON_INTERPRET") == "1" and dtype != torch.float32,
     }
     # FP fusion (multiply-adds fused) stated rather than left to Triton's default, which Triton 3.9 warns about
-    options = {"num_warps": warps_for(lqp, lkp, dp, precision), "enable_fp_fusion": True}
-    return constants, options
-
-
-def warps_for(lqp: int, lkp: int, dp: int, precision: str) -> int:
-    """Warps per program. Small tiles: 4. From B/32 widths on (query, keys and values of 64 x 128): 8, except for
-    float32 products on FMA units (`precision` "ieee"), which hold more in registers: with 8 warps a thread needs
-    224-255 registers, the most there are (Triton 3.6 and 3.9, sm_80 and sm_90), with 16 warps 64-122, twice as
-    many warps resident per SM (`benchmarks/kernel_compile.py`; `benchmarks/check_kernel.py` times both). Half
-    precision (`precision` "") and TF32x3 take 8."""
-    if max(lqp, lkp) * dp < 8192:
-        return 4
-    return 16 if precision == "ieee" else 8
+    warps = 4 if rows * dp < 16384 else launch["warps"]
+    return constants, {"num_warps": warps, "enable_fp_fusion": True}
 
 
 def fused_global_to_local(
@@ -214,8 +227,8 @@ def fused_global_to_local(
         if needed.shape != (num_mentions, num_entities):
             raise ValueError(f"needed must have shape {(num_mentions, num_entities)}, got {tuple(needed.shape)}")
         needed = needed.to(device=query.device, dtype=torch.int8).contiguous()
-    grid = (num_entities, triton.cdiv(num_mentions, block_mentions))
     constants, options = launch_parameters(lq, lk, d, dtype, needed is not None, block_mentions)
+    grid = (triton.cdiv(num_entities, constants["BLOCK_E"]), triton.cdiv(num_mentions, block_mentions))
     _g2l_grid_kernel[grid](
         query, key, value, scaled_global, global_bias, needed if needed is not None else out, out,
         num_mentions, num_entities, float(norm.eps), **constants, **options,

@@ -82,7 +82,7 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1")
     completed = subprocess.run(
         [sys.executable, str(BENCHMARKS / "check_kernel.py"), "--check", "--device", "cpu", "--threads", "1",
-         "--variants", "--json", output],
+         "--variants", "--json", output, "--launch-out", tmp_path / "launch.json"],
         capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
@@ -90,15 +90,23 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     assert [r["dtype"] for r in results] == ["float32", "bfloat16"]
     assert all(r["agrees"] for r in results) and results[0]["ranks_equal"] == 1.0
     assert results[0]["max_abs_diff"] < 1e-4 * results[0]["score_spread"]
-    # The launch variants (warps and float32 precision, which the interpreter ignores) give the same scores.
-    assert [v["variant"] for v in results[0]["variants"]] == ["8 warps, ieee", "16 warps, ieee", "8 warps, tf32x3"]
-    assert [v["variant"] for v in results[1]["variants"]] == ["8 warps", "16 warps"]
+    # The launch variants (query rows, warps, float32 precision) give the same scores and ranks: at the tiny widths
+    # the interpreter computes the same products in the same order whatever the launch.
+    assert [v["variant"] for v in results[0]["variants"]] == [
+        "128 rows, 16 warps, ieee", "128 rows, 32 warps, ieee", "128 rows, 8 warps, tf32x3", "128 rows, 16 warps, tf32x3"]
+    assert [v["variant"] for v in results[1]["variants"]] == [
+        "128 rows, 8 warps", "128 rows, 4 warps", "256 rows, 8 warps", "256 rows, 16 warps"]
     for result in results:
         for variant in result["variants"]:
-            assert variant["max_abs_diff"] == result["max_abs_diff"], variant
-            assert variant.get("ranks_equal", result["ranks_equal"]) == result["ranks_equal"], variant
-    assert "ranks_equal" in results[0]["variants"][2]  # TF32x3 products: its pruned ranks are compared too
-    assert "| 40 | float32 | 8 warps, tf32x3 |" in completed.stdout
+            assert variant["max_abs_diff"] < result["tolerance"] and variant["agrees"], variant
+            assert variant["ranks_equal"] == result["ranks_equal"] == 1.0, variant
+    # The fastest launch of each dtype that agrees is written for the other benchmarks' --launch.
+    launches = json.loads((tmp_path / "launch.json").read_text())
+    assert set(launches) == {"float32", "half"}
+    for result, key in zip(results, ("float32", "half")):
+        timed = [result] + result["variants"]
+        assert launches[key] == min(timed, key=lambda r: r["kernel_ms"])["launch"] == result["fastest_launch"]
+    assert "| 40 | float32 | 128 rows, 8 warps, tf32x3 |" in completed.stdout
 
 
 @pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
@@ -121,8 +129,11 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
     assert {r["target"] for r in results} == {f"sm_{t}" for t in targets.split(",")}
     assert len(results) == len(targets.split(",")) * 2 * 2 * 2  # targets x dtypes x G2L blocks x (masked or not)
     for result in results:
-        # No spills; at B/32 widths a few bytes in float32 are tolerated (Triton 3.6 spills 8 on sm_90; 3.9 none).
-        assert result["stack_bytes"] <= (16 if model == "b32" else 0) and 0 < result["registers"] <= 255, result
+        # No spills in half precision. Float32 on FMA units at B/32 widths (a 128 x 128 float32 query tile per
+        # program) spills some hundreds of bytes a thread at 16 warps (Triton 3.9: 368 on the text grid, 688 on the
+        # image grid, sm_90); none at the tiny widths.
+        spill_limit = 1024 if model == "b32" and result["dtype"] == "float32" else 0
+        assert result["stack_bytes"] <= spill_limit and 0 < result["registers"] <= 255, result
         if result["dtype"] == "float32":
             assert result["tensor_core_instructions"] == 0 and result["fma_instructions"] > 0, result
         elif result["block"] == "text" or model == "b32":  # tiny's image grid (17 tokens) is too small for them
