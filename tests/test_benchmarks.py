@@ -112,8 +112,10 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
 @pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
 def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, targets):
     """Triton's interpreter does not compile; this does what the launch on an A100 (sm_80) or H100/H200 (sm_90) would
-    compile, at the tiny model's widths and at B/32's, and checks the machine code: no spills to speak of, the
-    attention products on tensor cores in bfloat16 and on FMA units in float32 (IEEE, for exact ranks)."""
+    compile, at the tiny model's widths and at B/32's, and checks the machine code: the attention products on tensor
+    cores in both dtypes (float32 by TF32x3), and no spills in bfloat16 on sm_90 (the launch measured fastest on an
+    H200). Spills are reported, not failed, elsewhere: TF32x3 float32 spills 56-112 bytes a thread on sm_90 at B/32
+    widths and some KiB on sm_80; bfloat16 at 256 rows 16-40 bytes on sm_80 (Triton 3.9; benchmarks/README.md)."""
     pytest.importorskip("triton.backends.nvidia")
     output = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
@@ -129,14 +131,9 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
     assert {r["target"] for r in results} == {f"sm_{t}" for t in targets.split(",")}
     assert len(results) == len(targets.split(",")) * 2 * 2 * 2  # targets x dtypes x G2L blocks x (masked or not)
     for result in results:
-        # No spills in half precision. Float32 on FMA units at B/32 widths (a 128 x 128 float32 query tile per
-        # program) spills some hundreds of bytes a thread at 16 warps (Triton 3.9: 368 on the text grid, 688 on the
-        # image grid, sm_90); none at the tiny widths.
-        spill_limit = 1024 if model == "b32" and result["dtype"] == "float32" else 0
-        assert result["stack_bytes"] <= spill_limit and 0 < result["registers"] <= 255, result
-        if result["dtype"] == "float32":
-            assert result["tensor_core_instructions"] == 0 and result["fma_instructions"] > 0, result
-        elif result["block"] == "text" or model == "b32":  # tiny's image grid (17 tokens) is too small for them
-            assert result["tensor_core_instructions"] > 0, result
+        assert 0 < result["registers"] <= 255, result
+        if result["dtype"] == "bfloat16" and result["target"] == "sm_90":
+            assert result["stack_bytes"] == 0, result
+        assert result["tensor_core_instructions"] > 0, result
     width = "text 40x40x16" if model == "tiny" else "image 50x50x96"
     assert f"| sm_90 | bfloat16 (native) | {width} | yes |" in completed.stdout
