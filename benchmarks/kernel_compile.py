@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import feature_shapes, markdown_table, write_json
+from common import add_launch_argument, apply_launch, feature_shapes, markdown_table, write_json
 
 from modeling_m3el import M3ELConfig, kernels_m3el
 from modeling_m3el.kernels_m3el import triton
@@ -31,6 +31,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 # PTX's tensor-core matrix products: `wgmma.mma_async` (Hopper's warp-group MMA) and `mma.sync` (Ampere's, which
 # Triton also emits on Hopper for shapes too small for a warp group).
+# The most shared memory one block may use (opt-in), per compute capability: a kernel that asks for more compiles
+# but fails at launch ("out of resources"), and the ranker then falls back to PyTorch.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 TENSOR_CORE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\.", re.MULTILINE)
 
 
@@ -95,6 +98,7 @@ def compile_for(capability: int, dtype: torch.dtype, lq: int, lk: int, d: int, h
     return {
         **resources(compiled.asm["cubin"]),
         "shared_bytes": int(compiled.metadata.shared),
+        "shared_fits": int(compiled.metadata.shared) <= SHARED_LIMIT.get(capability, 101376),
         "num_warps": options["num_warps"],
         "tensor_core_instructions": len(TENSOR_CORE.findall(ptx)),
         "fma_instructions": len(re.findall(r"^\s*fma\.rn\.f32", ptx, re.MULTILINE)),
@@ -110,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--float32-precision", choices=("ieee", "tf32x3"), default=None,
                         help="float32 products (default: the launch's, kernels_m3el.LAUNCH['float32'])")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    add_launch_argument(parser)
     parser.add_argument("--check", action="store_true", help="the tiny model (for tests)")
     args = parser.parse_args(argv)
     if triton is None:
@@ -120,6 +125,7 @@ def main(argv=None) -> int:
         return 1
     if args.check:
         args.model = "tiny"
+    apply_launch(args.launch)
     if args.float32_precision:
         kernels_m3el.LAUNCH["float32"] = {**kernels_m3el.LAUNCH["float32"], "precision": args.float32_precision}
     config = tiny_config(tiny_processor()) if args.model == "tiny" else M3ELConfig()
@@ -134,7 +140,8 @@ def main(argv=None) -> int:
                                     "block": block, "widths": [lq, lk, d], "masked": has_mask, **result})
                     rows.append([f"sm_{capability}", f"{dtype_name} ({precision})", f"{block} {lq}x{lk}x{d}",
                                  "yes" if has_mask else "no", result["num_warps"], result["registers"],
-                                 result["stack_bytes"], f"{result['shared_bytes'] / 1024:.0f}",
+                                 result["stack_bytes"], f"{result['shared_bytes'] / 1024:.0f}"
+                                 + ("" if result["shared_fits"] else " (too much)"),
                                  result["tensor_core_instructions"], result["fma_instructions"]])
     print(f"Triton {triton.__version__}, {args.model} widths (entity tokens x mention tokens x channels)\n")
     print(markdown_table(["target", "dtype", "G2L block", "mask", "warps", "registers/thread", "stack (spill) B",

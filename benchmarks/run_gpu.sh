@@ -12,7 +12,8 @@
 #   6. extras: the exact ranker with PyTorch's G2L instead of the kernel; the training step with bf16 autocast alone
 #      (the authors' bf16 setting) and with torch.compile
 # `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 4 minutes (BUDGET_S default 290):
-# its check and launch variants, then exact ranking and two-stage retrieval with the fastest launches that agree.
+# its check and launch variants, a profile of the ranker's calls, then exact ranking and two-stage retrieval with the
+# fastest launches that agree.
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
@@ -68,6 +69,8 @@ if [ "${1:-all}" = kernel ]; then
   bench check_kernel fused_kernel_check 100 --model b32 --sizes 4096 --launch-out "$OUT/launch.json"
   launch=()
   [ -f "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json")
+  # where a scores() and a rank() call spend their time (every kernel's device time), and the fused kernel's rate
+  bench profile_ranking ranking_profile 50 --model b32 --sizes 32768 --mentions 128 "${launch[@]}"
   bench bench_exact_ranking exact_ranking_110k 90 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
     "${launch[@]}"
   bench bench_two_stage two_stage_1m 60 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
@@ -88,10 +91,13 @@ if [ "${1:-all}" = training ]; then
 fi
 
 # 1. The fused G2L kernel's first compilation, and its scores and ranks against the PyTorch path (fp32 and bf16);
-#    launch variants (8/16 warps, TF32x3 float32 products) timed and compared the same way.
-bench check_kernel fused_kernel_check 120 --model b32 --sizes 4096
+#    launch variants timed and compared the same way; the fastest that agree go to launch.json for steps 2 and 5.
+bench check_kernel fused_kernel_check 120 --model b32 --sizes 4096 --launch-out "$OUT/launch.json"
+launch=()
+[ -f "$OUT/launch.json" ] && launch=(--launch "$OUT/launch.json")
 # 2. Exact ranking at WikiMEL's KB size: 256 mentions for the exact ranker (fp32 and bf16), 40 for the naive loop.
-bench bench_exact_ranking exact_ranking_110k 120 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40
+bench bench_exact_ranking exact_ranking_110k 120 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
+  "${launch[@]}"
 # 3. The training step of issue 3: a few hundred steps in fp32 (the recipe) and bf16 autocast with the fused AdamW
 #    of train_accelerate.py.
 bench bench_training training_b32_batch128 150 --model b32 --batch 128 --steps 200 --warmup 10 \
@@ -100,12 +106,12 @@ bench bench_training training_b32_batch128 150 --model b32 --batch 128 --steps 2
 bench bench_entity_encoding entity_encoding 60 --model b32 --sizes 8192
 # 5. Two-stage retrieval at 1M entities (bf16 index, 18 GiB; stage 1 with torch on the GPU) ...
 bench bench_two_stage two_stage_1m 150 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
-  --index-dtype bfloat16
+  --index-dtype bfloat16 "${launch[@]}"
 # ... and at 100k (fp32 index; stage 1 on the GPU with torch, and faiss IVF on the CPU).
 ivf=",ivf"
 python3 -c "import faiss" 2>/dev/null || ivf=""
 bench bench_two_stage two_stage_100k 90 --model b32 --sizes 100000 --backends "torch$ivf" --k 0.1%,1%,2% \
-  --mentions 256
+  --mentions 256 "${launch[@]}"
 # 6. Extras, as time allows: the exact ranker with the G2L of plain PyTorch instead of the fused kernel (fp32) ...
 M3EL_G2L_KERNEL=torch bench bench_exact_ranking exact_ranking_110k_pytorch_g2l 50 --model b32 --sizes 109976 \
   --mentions 128 --naive-mentions 20 --fast-dtype none

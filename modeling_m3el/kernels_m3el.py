@@ -31,18 +31,23 @@ except ImportError:
 
 KERNEL_ENV = "M3EL_G2L_KERNEL"
 FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the PyTorch path begins
-# How the kernel is launched, per index dtype ("float32"; "half": bfloat16 and float16): the query rows of a program
-# (the token rows of as many whole entities as fit: 256 rows hold 6 entities of 40 text tokens or 5 of 50 image
-# tokens, 128 rows 3 or 2), its warps (4 for tiles smaller than 128 x 128), and for float32 how the attention products
-# are computed: "tf32x3", three TF32 tensor-core products (each operand split into a TF32 part and its remainder;
-# error near float32's), or "ieee", float32 on FMA units. The fastest that agree with the PyTorch path, measured on
-# an H200 (benchmarks/README.md, "GPU"): float32 by TF32x3 took 20.6 ms where IEEE took 300-580 ms and PyTorch's
-# float32 path 47 ms, with the same largest difference from PyTorch (1.5e-5), every pruned rank equal, and the
-# exact ranks at 109,976 entities identical to the authors' loop; bf16 at 256 rows 8.6 ms (128 rows: 10.1 ms).
-# `benchmarks/check_kernel.py` times the alternatives on a GPU.
+# How the kernel is launched, per index dtype ("float32"; "half": bfloat16 and float16):
+# - rows: a program's query rows, the token rows of as many whole entities as fit (256 rows hold 6 entities of 40
+#   text tokens or 5 of 50 image tokens; 128 rows 3 or 2);
+# - warps (4 for tiles smaller than 128 x 128);
+# - stages: Triton's software-pipeline stages (`num_stages`): the grid without a mask can prefetch the next
+#   mentions' keys and values into shared memory, 48-64 KiB a stage at B/32 widths (Triton's default of 3 would pass
+#   the 227 KiB of an H100's SM in float32); 1 is what the H200 measurements below ran (their loop had a branch,
+#   which Triton does not pipeline);
+# - precision (float32): "tf32x3", three TF32 tensor-core products (each operand split into a TF32 part and its
+#   remainder; error near float32's), or "ieee", float32 on FMA units.
+# The fastest that agreed with the PyTorch path on an H200 (benchmarks/README.md, "GPU"): float32 by TF32x3 took
+# 20.6 ms where IEEE took 300-580 ms and PyTorch's float32 path 47 ms, with the same largest difference from PyTorch
+# (1.5e-5), every pruned rank equal, and the exact ranks at 109,976 entities identical to the authors' loop; bf16 at
+# 256 rows 8.6 ms (128 rows: 10.1 ms). `benchmarks/check_kernel.py` times the alternatives on a GPU.
 LAUNCH = {
-    "float32": {"rows": 128, "warps": 8, "precision": "tf32x3"},
-    "half": {"rows": 256, "warps": 8},
+    "float32": {"rows": 128, "warps": 8, "stages": 1, "precision": "tf32x3"},
+    "half": {"rows": 256, "warps": 8, "stages": 1},
 }
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
@@ -71,6 +76,38 @@ def fused_g2l_wanted(query: torch.Tensor, *tensors: torch.Tensor) -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _mention_scores(
+        query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask, in_d, eps,
+        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr,
+        PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """G2L scores (EP,) of one mention against the entities of a program's query tile."""
+        offsets = mention * (LK * D) + tokens[:, None] * D + dims[None, :]
+        key = tl.load(key_ptr + offsets, mask=token_mask, other=0.0)
+        if UPCAST:
+            key = key.to(tl.float32)
+        value = tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
+        if PRECISION == "":  # half precision: the tensor cores' own products
+            scores = tl.dot(query, tl.trans(key))  # (ROWS, LKP)
+        else:  # float32: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core products)
+            scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)
+        # softmax of every query row over the mention's tokens (no padding mask in the model: only the padding of
+        # LKP); a row's reductions stay within its warp
+        scores = tl.where(tokens[None, :] < LK, scores, float("-inf"))
+        scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        # the mean over each entity's rows of the normalised rows: the normalisation (and 1/LQ) goes into the
+        # (EP, ROWS) segment matrix, a sixteenth of the divisions the (ROWS, LKP) rows would take
+        inverse = 1.0 / (tl.sum(scores, axis=1) * LQ)  # (ROWS,)
+        weights = tl.dot(segment * inverse[None, :], scores, input_precision=SMALL_PRECISION)  # (EP, LKP)
+        context = tl.dot(weights, value, input_precision=SMALL_PRECISION)  # (EP, DP): the weighted values
+        # LayerNorm over the D channels, folded into the dot with c_e: <c, gamma n + beta>
+        mean = tl.sum(context, axis=1) / D
+        centered = tl.where(in_d[None, :], context - mean[:, None], 0.0)
+        variance = tl.sum(centered * centered, axis=1) / D
+        normalized = centered * (1.0 / tl.sqrt(variance + eps))[:, None]
+        return tl.sum(normalized * scaled_global, axis=1) + bias
+
     @triton.jit(do_not_specialize=["num_mentions", "num_entities"])
     def _g2l_grid_kernel(
         query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, needed_ptr, out_ptr,
@@ -93,8 +130,8 @@ if triton is not None:
         )
         if UPCAST:
             query = query.to(tl.float32)
-        # (EP, ROWS) 0/1: which rows each entity of the block owns. Its product with the softmax rows sums them per
-        # entity on the tensor cores (exact in any precision: the ones and zeros are).
+        # (EP, ROWS) 0/1: which rows each entity of the block owns; its product with the softmax rows sums them per
+        # entity on the tensor cores
         segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
         entities = first_entity + slots
         slot_valid = (slots < BLOCK_E) & (entities < num_entities)
@@ -104,38 +141,24 @@ if triton is not None:
         ).to(tl.float32)
         bias = tl.load(global_bias_ptr + entities, mask=slot_valid, other=0.0).to(tl.float32)
         token_mask = (tokens[:, None] < LK) & in_d[None, :]
-        for i in range(BLOCK_B):
+        # the block's mentions, the last block's cut to the batch (a batch of one computes one mention, not BLOCK_B)
+        for i in range(0, tl.minimum(num_mentions - first_mention, BLOCK_B)):
             mention = first_mention + i
-            # (the comparison made on a vector: Triton's interpreter gives a scalar one and a vector the wrong type)
-            wanted = slot_valid & (tl.zeros([EP], dtype=tl.int64) + mention < num_mentions)
-            if HAS_MASK:
-                needed = tl.load(needed_ptr + mention * num_entities + entities, mask=wanted, other=0)
-                wanted = wanted & (needed != 0)
-            if tl.max(wanted.to(tl.int32), axis=0) > 0:
-                offsets = mention * (LK * D) + tokens[:, None] * D + dims[None, :]
-                key = tl.load(key_ptr + offsets, mask=token_mask, other=0.0)
-                if UPCAST:
-                    key = key.to(tl.float32)
-                value = tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
-                if PRECISION == "":  # half precision: the tensor cores' own products
-                    scores = tl.dot(query, tl.trans(key))  # (ROWS, LKP)
-                else:  # float32: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core products)
-                    scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)
-                # softmax of every query row over the mention's tokens (no padding mask in the model: only the
-                # padding of LKP); rows are whole within a warp, so these reductions stay in it
-                scores = tl.where(tokens[None, :] < LK, scores, float("-inf"))
-                scores = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-                attention = scores / tl.sum(scores, axis=1)[:, None]
-                # mean over each entity's rows, then the weighted sum of the mention's values: two small products
-                weights = tl.dot(segment, attention, input_precision=SMALL_PRECISION) / LQ  # (EP, LKP)
-                context = tl.dot(weights, value, input_precision=SMALL_PRECISION)  # (EP, DP)
-                # LayerNorm over the D channels, folded into the dot with c_e: <c, gamma n + beta>
-                mean = tl.sum(context, axis=1) / D
-                centered = tl.where(in_d[None, :], context - mean[:, None], 0.0)
-                variance = tl.sum(centered * centered, axis=1) / D
-                normalized = centered / tl.sqrt(variance + eps)[:, None]
-                score = tl.sum(normalized * scaled_global, axis=1) + bias
-                tl.store(out_ptr + mention * num_entities + entities, score, mask=wanted)
+            if HAS_MASK:  # a mention none of whose pairs with these entities is needed is skipped
+                needed = tl.load(needed_ptr + mention * num_entities + entities, mask=slot_valid, other=0)
+                wanted = slot_valid & (needed != 0)
+                if tl.max(wanted.to(tl.int32), axis=0) > 0:
+                    score = _mention_scores(
+                        query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
+                        in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
+                    )
+                    tl.store(out_ptr + mention * num_entities + entities, score, mask=wanted)
+            else:  # no branch in the loop: Triton can pipeline it (prefetch the next mentions' keys and values)
+                score = _mention_scores(
+                    query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
+                    in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
+                )
+                tl.store(out_ptr + mention * num_entities + entities, score, mask=slot_valid)
 
 
 def record_failure(error: Exception) -> None:
@@ -202,7 +225,7 @@ def launch_parameters(
     }
     # FP fusion (multiply-adds fused) stated rather than left to Triton's default, which Triton 3.9 warns about
     warps = 4 if rows * dp < 16384 else launch["warps"]
-    return constants, {"num_warps": warps, "enable_fp_fusion": True}
+    return constants, {"num_warps": warps, "num_stages": launch.get("stages", 1), "enable_fp_fusion": True}
 
 
 def fused_global_to_local(

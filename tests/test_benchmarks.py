@@ -49,6 +49,23 @@ def test_two_stage_benchmark_reports_recall(tmp_path):
     assert "| 600 | flat |" in stdout
 
 
+def test_ranking_profile_breaks_the_calls_down(tmp_path):
+    """On the CPU the PyTorch path runs (no fused kernel): its operations by time, per call and index dtype."""
+    stdout, payload = _run("profile_ranking.py", tmp_path)
+    results = payload["results"]
+    assert [(r["dtype"], r["call"]) for r in results] == [
+        ("float32", "scores"), ("float32", "rank"), ("bfloat16", "scores"), ("bfloat16", "rank")]
+    for result in results:
+        assert result["fused_ms"] == 0 and result["wall_ms"] > 0
+        names = [operation["name"] for operation in result["operations"]]
+        assert "aten::_softmax" in names  # the G2L attention of the PyTorch path
+        if result["call"] == "scores":
+            assert result["pairs_scored"] == 8 * 300  # every (mention, entity) pair
+        else:
+            assert 0 < result["pairs_scored"] < 8 * 300  # pruned
+    assert "## 300 entities, float32 index, rank():" in stdout
+
+
 def test_entity_encoding_benchmark_builds_the_index(tmp_path):
     stdout, payload = _run("bench_entity_encoding.py", tmp_path)
     (result,) = payload["results"]
@@ -93,9 +110,10 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     # The launch variants (query rows, warps, float32 precision) give the same scores and ranks: at the tiny widths
     # the interpreter computes the same products in the same order whatever the launch.
     assert [v["variant"] for v in results[0]["variants"]] == [
-        "128 rows, 16 warps, ieee", "128 rows, 32 warps, ieee", "128 rows, 8 warps, tf32x3", "128 rows, 16 warps, tf32x3"]
+        "128 rows, 8 warps, 1 stage, tf32x3", "128 rows, 16 warps, 1 stage, tf32x3", "128 rows, 16 warps, 1 stage, ieee"]
     assert [v["variant"] for v in results[1]["variants"]] == [
-        "128 rows, 8 warps", "128 rows, 4 warps", "256 rows, 8 warps", "256 rows, 16 warps"]
+        "256 rows, 8 warps, 1 stage", "256 rows, 8 warps, 2 stages", "128 rows, 8 warps, 1 stage",
+        "128 rows, 8 warps, 2 stages", "128 rows, 4 warps, 1 stage", "256 rows, 16 warps, 1 stage"]
     for result in results:
         for variant in result["variants"]:
             assert variant["max_abs_diff"] < result["tolerance"] and variant["agrees"], variant
@@ -105,8 +123,9 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     assert set(launches) == {"float32", "half"}
     for result, key in zip(results, ("float32", "half")):
         timed = [result] + result["variants"]
-        assert launches[key] == min(timed, key=lambda r: r["kernel_ms"])["launch"] == result["fastest_launch"]
-    assert "| 40 | float32 | 128 rows, 8 warps, tf32x3 |" in completed.stdout
+        fastest = min(timed, key=lambda r: r["kernel_ms"] + r["rank_ms"])
+        assert launches[key] == fastest["launch"] == result["fastest_launch"]
+    assert "| 40 | float32 | 128 rows, 8 warps, 1 stage, tf32x3 |" in completed.stdout
 
 
 @pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
@@ -135,5 +154,6 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
         if result["dtype"] == "bfloat16" and result["target"] == "sm_90":
             assert result["stack_bytes"] == 0, result
         assert result["tensor_core_instructions"] > 0, result
+        assert result["shared_fits"], result  # within the target's shared memory per block: it would launch
     width = "text 40x40x16" if model == "tiny" else "image 50x50x96"
     assert f"| sm_90 | bfloat16 (native) | {width} | yes |" in completed.stdout

@@ -1,0 +1,117 @@
+"""Where the exact ranker's time goes: `torch.profiler` over one `EntityIndex.scores` call (every pair) and one
+`EntityIndex.rank` call (pruned) per index dtype, the device time of every kernel summed by name, the fused G2L
+kernel's share of the call, and its rate: (mention, entity) pairs per second and microseconds per program step (one
+mention against one program's tile of entities, per SM).
+
+    python benchmarks/profile_ranking.py --device cuda --model b32 --sizes 32768 --mentions 128
+    python benchmarks/profile_ranking.py --check                                # CPU, tiny: the PyTorch path
+"""
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import add_common_arguments, add_launch_argument, apply_launch, apply_threads, build_model
+from common import generator_for, machine, markdown_table, parse_sizes, random_features, timed, write_json
+
+from modeling_m3el import M3ELFeatures, kernels_m3el
+from modeling_m3el.index_m3el import EntityIndex
+from modeling_m3el.modeling_m3el import M3ELModel
+
+FUSED = "_g2l_grid_kernel"
+
+
+def device_times(prof, cuda: bool) -> list[tuple[str, float, int]]:
+    """(name, total microseconds on the device (CPU: self CPU time), calls) of every operation, longest first."""
+    rows = []
+    for event in prof.key_averages():
+        total = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if total > 0:
+            rows.append((event.key, total, event.count))
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def grid_steps(model: M3ELModel, num_entities: int, num_mentions: int, dtype: torch.dtype) -> int:
+    """Program steps of the fused kernel for one full grid of every G2L block: (programs) x (mentions each)."""
+    steps = 0
+    for block in ("text", "image"):
+        lq = model.config.text_max_length if block == "text" else None
+        if lq is None:
+            vision = model.config.clip_config.vision_config
+            lq = (vision.image_size // vision.patch_size) ** 2 + 1
+        constants, _ = kernels_m3el.launch_parameters(lq, lq, model.config.matching_dim, dtype, False)
+        steps += -(-num_entities // constants["BLOCK_E"]) * num_mentions
+    return steps
+
+
+def main(argv=None) -> int:
+    parser = add_launch_argument(add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+                                                      sizes="32768"))
+    parser.add_argument("--mentions", type=int, default=128)
+    parser.add_argument("--top", type=int, default=8, help="operations listed per call")
+    args = parser.parse_args(argv)
+    if args.check:
+        args.model, args.sizes, args.mentions = "tiny", "300", 8
+    apply_threads(args.threads)
+    apply_launch(args.launch)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    model = build_model(args.model, args.mode, device, args.seed)
+    print(f"# Exact ranker profile: {args.model} model, {args.mode}, {args.mentions} mentions; {machine(device)}")
+    print(f"# fused-kernel launch: {kernels_m3el.LAUNCH}")
+    results = []
+    for num_entities in parse_sizes(args.sizes):
+        generator = generator_for(device, args.seed + num_entities)
+        entities = random_features(model.config, num_entities, device, generator)
+        gold = torch.randint(0, num_entities, (args.mentions,), generator=generator, device=device)
+        noise = random_features(model.config, args.mentions, device, generator)
+        mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
+        ids = [f"E{i}" for i in range(num_entities)]
+        gold_ids = [ids[g] for g in gold.tolist()]
+        base = EntityIndex.from_features(model, entities, ids)
+        for dtype in (torch.float32, torch.bfloat16):
+            index = base.to(dtype=dtype)
+            calls = {
+                "scores": lambda index=index: index.scores(model, mentions),
+                "rank": lambda index=index: index.rank(model, mentions, gold_ids, stats=stats),
+            }
+            for name, call in calls.items():
+                stats: dict = {}
+                call()  # compiles and warms up
+                _, seconds = timed(call, device)
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=activities) as prof:
+                    call()
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                times = device_times(prof, cuda)
+                fused_us = sum(total for key, total, _ in times if FUSED in key)
+                pairs = args.mentions * num_entities * (stats["scored"] / stats["pairs"] if name == "rank" else 1)
+                row = {"entities": num_entities, "dtype": str(dtype).removeprefix("torch."), "call": name,
+                       "wall_ms": 1000 * seconds, "fused_ms": fused_us / 1000, "pairs_scored": pairs,
+                       "operations": [{"name": key, "ms": total / 1000, "calls": count}
+                                      for key, total, count in times[: args.top]]}
+                if fused_us > 0 and cuda:
+                    sms = torch.cuda.get_device_properties(device).multi_processor_count
+                    steps = grid_steps(model, num_entities, args.mentions, dtype)  # upper bound for "rank"
+                    row["fused_pairs_per_s"] = pairs / (fused_us / 1e6)
+                    row["us_per_step_per_sm"] = fused_us * sms / steps
+                results.append(row)
+                share = f"{100 * row['fused_ms'] / row['wall_ms']:.0f}%" if row["fused_ms"] else "-"
+                print(f"\n## {num_entities:,} entities, {row['dtype']} index, {name}(): {row['wall_ms']:.1f} ms wall, "
+                      f"fused kernel {row['fused_ms']:.1f} ms ({share})"
+                      + (f", {row['fused_pairs_per_s']:.3g} pairs/s, {row['us_per_step_per_sm']:.2f} us per program "
+                         "step per SM (every step of the grid counted)" if "fused_pairs_per_s" in row else "")
+                      + (f"; {100 * stats['scored'] / stats['pairs']:.1f}% of the pairs scored" if stats else "")
+                      + "\n")
+                print(markdown_table(["operation", "device ms" if cuda else "CPU ms (self)", "calls"],
+                                     [[key[:70], f"{total / 1000:.2f}", count] for key, total, count in
+                                      times[: args.top]]))
+    write_json(args.json, {"machine": machine(device), "args": vars(args), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
