@@ -39,6 +39,9 @@ FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the
 #   mentions' keys and values into shared memory, 48-64 KiB a stage at B/32 widths (Triton's default of 3 would pass
 #   the 227 KiB of an H100's SM in float32); 1 is what the H200 measurements below ran (their loop had a branch,
 #   which Triton does not pipeline);
+# - mentions: mentions a program step takes (default 1); with 2 or 4 their keys sit side by side in one product, so
+#   a step's layout conversions and barriers serve more pairs (checked in the interpreter and compiled; not yet
+#   timed on a GPU: `benchmarks/check_kernel.py` times it as a variant);
 # - precision (float32): "tf32x3", three TF32 tensor-core products (each operand split into a TF32 part and its
 #   remainder; error near float32's), or "ieee", float32 on FMA units.
 # The fastest that agreed with the PyTorch path on an H200 (benchmarks/README.md, "GPU"): float32 by TF32x3 took
@@ -108,12 +111,47 @@ if triton is not None:
         normalized = centered * (1.0 / tl.sqrt(variance + eps))[:, None]
         return tl.sum(normalized * scaled_global, axis=1) + bias
 
+    @triton.jit
+    def _mentions_scores(
+        query, segment, scaled_global, bias, key_ptr, value_ptr, first, num_mentions, dims, in_d, eps,
+        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
+        MB: tl.constexpr, PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        """G2L scores (MB, EP) of MB consecutive mentions (from `first`; those past the batch give scores to
+        ignore) against the entities of a program's query tile: their keys side by side in one product."""
+        columns = tl.arange(0, MB * LKP)
+        which, token = columns // LKP, columns % LKP  # the mention of the step and its token, per key row
+        present = (token < LK) & (first + which < num_mentions)
+        offsets = (first + which)[:, None] * (LK * D) + token[:, None] * D + dims[None, :]
+        key = tl.load(key_ptr + offsets, mask=present[:, None] & in_d[None, :], other=0.0)
+        if UPCAST:
+            key = key.to(tl.float32)
+        value = tl.load(value_ptr + offsets, mask=present[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        if PRECISION == "":
+            scores = tl.dot(query, tl.trans(key))  # (ROWS, MB * LKP)
+        else:
+            scores = tl.dot(query, tl.trans(key), input_precision=PRECISION)
+        scores = tl.where((token < LK)[None, :], scores, float("-inf"))
+        rows: tl.constexpr = scores.shape[0]
+        # softmax of every query row over each mention's tokens, normalised (with 1/LQ) before the per-entity sum
+        scores = tl.reshape(scores, (rows, MB, LKP))
+        scores = tl.exp(scores - tl.max(scores, axis=2)[:, :, None])
+        scores = scores * (1.0 / (tl.sum(scores, axis=2) * LQ))[:, :, None]
+        weights = tl.dot(segment, tl.reshape(scores, (rows, MB * LKP)), input_precision=SMALL_PRECISION)
+        weights = tl.permute(tl.reshape(weights, (EP, MB, LKP)), (1, 0, 2))  # (MB, EP, LKP)
+        context = tl.dot(weights, tl.reshape(value, (MB, LKP, DP)), input_precision=SMALL_PRECISION)  # (MB, EP, DP)
+        mean = tl.sum(context, axis=2) / D
+        centered = tl.where(in_d[None, None, :], context - mean[:, :, None], 0.0)
+        variance = tl.sum(centered * centered, axis=2) / D
+        normalized = centered * (1.0 / tl.sqrt(variance + eps))[:, :, None]
+        return tl.sum(normalized * scaled_global[None, :, :], axis=2) + bias[None, :]
+
     @triton.jit(do_not_specialize=["num_mentions", "num_entities"])
     def _g2l_grid_kernel(
         query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, needed_ptr, out_ptr,
         num_mentions, num_entities, eps,
         LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, BLOCK_B: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, BLOCK_B: tl.constexpr, MB: tl.constexpr,
         HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # A program: BLOCK_E consecutive entities (their BLOCK_E * LQ token rows, contiguous in memory, padded to
@@ -141,24 +179,39 @@ if triton is not None:
         ).to(tl.float32)
         bias = tl.load(global_bias_ptr + entities, mask=slot_valid, other=0.0).to(tl.float32)
         token_mask = (tokens[:, None] < LK) & in_d[None, :]
-        # the block's mentions, the last block's cut to the batch (a batch of one computes one mention, not BLOCK_B)
-        for i in range(0, tl.minimum(num_mentions - first_mention, BLOCK_B)):
-            mention = first_mention + i
-            if HAS_MASK:  # a mention none of whose pairs with these entities is needed is skipped
-                needed = tl.load(needed_ptr + mention * num_entities + entities, mask=slot_valid, other=0)
-                wanted = slot_valid & (needed != 0)
-                if tl.max(wanted.to(tl.int32), axis=0) > 0:
+        count = tl.minimum(num_mentions - first_mention, BLOCK_B)  # the last block is cut to the batch
+        if MB > 1:  # MB mentions a step
+            steps = tl.arange(0, MB)
+            for i in range(0, count, MB):
+                mentions = first_mention + i + steps
+                wanted = slot_valid[None, :] & (mentions < num_mentions)[:, None]  # (MB, EP)
+                places = mentions[:, None] * num_entities + entities[None, :]
+                if HAS_MASK:
+                    wanted = wanted & (tl.load(needed_ptr + places, mask=wanted, other=0) != 0)
+                if tl.max(tl.max(wanted.to(tl.int32), axis=1), axis=0) > 0:
+                    score = _mentions_scores(
+                        query, segment, scaled_global, bias, key_ptr, value_ptr, first_mention + i, num_mentions,
+                        dims, in_d, eps, LQ, LK, D, LKP, DP, EP, MB, PRECISION, SMALL_PRECISION, UPCAST,
+                    )
+                    tl.store(out_ptr + places, score, mask=wanted)
+        else:  # one mention a step (a batch of one computes one mention, not BLOCK_B)
+            for i in range(0, count):
+                mention = first_mention + i
+                if HAS_MASK:  # a mention none of whose pairs with these entities is needed is skipped
+                    needed = tl.load(needed_ptr + mention * num_entities + entities, mask=slot_valid, other=0)
+                    wanted = slot_valid & (needed != 0)
+                    if tl.max(wanted.to(tl.int32), axis=0) > 0:
+                        score = _mention_scores(
+                            query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims,
+                            token_mask, in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
+                        )
+                        tl.store(out_ptr + mention * num_entities + entities, score, mask=wanted)
+                else:  # no branch in the loop: Triton can pipeline it (prefetch the next mentions' keys and values)
                     score = _mention_scores(
                         query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
                         in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
                     )
-                    tl.store(out_ptr + mention * num_entities + entities, score, mask=wanted)
-            else:  # no branch in the loop: Triton can pipeline it (prefetch the next mentions' keys and values)
-                score = _mention_scores(
-                    query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
-                    in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
-                )
-                tl.store(out_ptr + mention * num_entities + entities, score, mask=slot_valid)
+                    tl.store(out_ptr + mention * num_entities + entities, score, mask=slot_valid)
 
 
 def record_failure(error: Exception) -> None:
@@ -216,6 +269,7 @@ def launch_parameters(
     constants = {
         "LQ": lq, "LK": lk, "D": d, "LKP": lkp, "DP": dp,
         "ROWS": rows, "BLOCK_E": block_entities, "EP": _padded(block_entities), "BLOCK_B": block_mentions,
+        "MB": launch.get("mentions", 1),
         "HAS_MASK": has_mask, "PRECISION": precision,
         # the two small products (per-entity sums of the attention, then the values): float32's own precision for
         # a float32 index, TF32 for a half-precision one (finer than the bf16/fp16 inputs)

@@ -73,6 +73,20 @@ SCRIPT = textwrap.dedent(
             half = fused_global_to_local(prepared_e["query"].bfloat16(), key.bfloat16(), prepared_m["value"].bfloat16(),
                                          prepared_e["global"], block.context_norm)
             torch.testing.assert_close(half, expected, rtol=0.05, atol=0.05)
+            # Launch variants: several mentions a step (5 mentions: the last step half empty), other tile sizes.
+            from modeling_m3el import kernels_m3el
+            default = dict(kernels_m3el.LAUNCH)
+            for launch in ({"rows": 128, "warps": 4, "mentions": 2, "precision": "tf32x3"},
+                           {"rows": 64, "warps": 4, "mentions": 4, "precision": "ieee"}):
+                kernels_m3el.LAUNCH["float32"] = launch
+                variant = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                                block.context_norm)
+                torch.testing.assert_close(variant, expected, rtol=1e-5, atol=1e-5)
+                variant = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                                block.context_norm, needed=needed)
+                torch.testing.assert_close(variant[needed], full[needed], rtol=1e-5, atol=1e-5)
+                assert (variant[~needed] == 0).all()
+            kernels_m3el.LAUNCH.update(default)
         use("auto")
         # CPU tensors: the kernel only runs where asked (interpreter); with gradients it never does.
         assert not fused_g2l_wanted(prepared_e["query"])
