@@ -26,9 +26,9 @@ from modeling_m3el import M3ELFeatures, kernels_m3el
 from modeling_m3el.index_m3el import EntityIndex
 from modeling_m3el.kernels_m3el import FALLBACK, KERNEL_ENV
 
-# Launch variants timed on CUDA next to the launch `kernels_m3el.LAUNCH` chooses: query rows per program, warps, and
-# in float32 TF32x3 tensor-core products instead of IEEE FMAs (faster if the GPU says so, and close to float32: the
-# scores and pruned ranks of every variant are compared with the PyTorch path's too).
+# Launch variants timed on CUDA next to the launch `kernels_m3el.LAUNCH` chooses: query rows per program, warps,
+# pipeline stages, mentions a program step, and in float32 TF32x3 tensor-core products or IEEE FMAs (the scores and
+# pruned ranks of every variant are compared with the PyTorch path's too).
 VARIANTS = {
     "float32": [
         {"rows": 128, "warps": 8, "stages": 1, "precision": "tf32x3"},
@@ -72,7 +72,8 @@ def launched_as(key: str, launch: dict):
 
 def compare(index, model, mentions, gold_ids, device, dtype: torch.dtype, with_variants: bool) -> tuple[dict, list]:
     """The kernel as `kernels_m3el.LAUNCH` launches it, then each variant, against the PyTorch path: max abs
-    difference of the scores (and whether within `tolerance`), pruned ranks equal, one `scores` call's time."""
+    difference of the scores (and whether within `tolerance`), pruned ranks equal, one `scores` and one `rank` call's
+    time."""
     key = "float32" if dtype == torch.float32 else "half"
     os.environ[KERNEL_ENV] = "torch"
     reference, torch_seconds = timed(lambda: index.scores(model, mentions), device)
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), sizes="4096")
     parser.add_argument("--mentions", type=int, default=64)
     parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
-                        help="time the launch variants too (default: on CUDA; Triton's interpreter ignores them)")
+                        help="time the launch variants too (default: on CUDA; Triton's interpreter ignores warps and "
+                        "stages, and computes float32 products in float32 whatever the precision)")
     parser.add_argument("--launch-out", help="write the fastest launch that agrees, per index dtype, to this JSON "
                         "file (for the --launch of bench_exact_ranking.py and bench_two_stage.py)")
     args = parser.parse_args(argv)

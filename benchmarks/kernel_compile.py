@@ -1,7 +1,9 @@
 """The fused G2L kernel compiled ahead of time for NVIDIA GPUs, on a machine that has none: for every target, dtype
 and G2L block (text, image) of a model, what the launch in `kernels_m3el.py` would compile, and what the compiled code
-uses: registers and stack (spills) per thread, shared memory, and whether the attention products run on tensor cores
-(`wgmma` on Hopper, `mma` on Ampere; half precision) or on FMA units (float32, `input_precision="ieee"`).
+uses: registers and stack (spills) per thread, shared memory (and whether it fits the target), and whether the
+attention products run on tensor cores (`wgmma` on Hopper, `mma` on Ampere: half precision, and float32 by TF32x3)
+or on FMA units (float32 with `"precision": "ieee"`). `--launch FILE` compiles other launches (`check_kernel.py`'s
+format).
 
 Triton compiles through its own LLVM and `ptxas`; no CUDA driver is needed. The figures hold for the installed
 Triton version; the GPU's own Triton (bundled with its PyTorch) may differ: to check another version, install it
@@ -29,11 +31,11 @@ from modeling_m3el.tiny import tiny_config, tiny_processor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-# PTX's tensor-core matrix products: `wgmma.mma_async` (Hopper's warp-group MMA) and `mma.sync` (Ampere's, which
-# Triton also emits on Hopper for shapes too small for a warp group).
 # The most shared memory one block may use (opt-in), per compute capability: a kernel that asks for more compiles
 # but fails at launch ("out of resources"), and the ranker then falls back to PyTorch.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# PTX's tensor-core matrix products: `wgmma.mma_async` (Hopper's warp-group MMA) and `mma.sync` (Ampere's, which
+# Triton also emits on Hopper for shapes too small for a warp group).
 TENSOR_CORE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\.", re.MULTILINE)
 
 
