@@ -19,11 +19,10 @@ import warnings
 
 import torch
 
-from common import add_common_arguments, apply_threads, build_model, generator_for, machine, markdown_table
-from common import parse_sizes, random_features, timed, write_json
+from common import add_common_arguments, apply_threads, build_model, machine, markdown_table, parse_sizes
+from common import random_kb_with_mentions, timed, write_json
 
-from modeling_m3el import M3ELFeatures, kernels_m3el
-from modeling_m3el.index_m3el import EntityIndex
+from modeling_m3el import kernels_m3el
 from modeling_m3el.kernels_m3el import FALLBACK, KERNEL_ENV
 
 # Launch variants timed on CUDA next to the launch `kernels_m3el.LAUNCH` chooses: query rows per program, warps,
@@ -131,14 +130,7 @@ def main(argv=None) -> int:
     model = build_model(args.model, args.mode, device, args.seed)
     rows, variant_rows, results, best, ok = [], [], [], {}, True
     for num_entities in parse_sizes(args.sizes):
-        generator = generator_for(device, args.seed + num_entities)
-        entities = random_features(model.config, num_entities, device, generator)
-        gold = torch.randint(0, num_entities, (args.mentions,), generator=generator, device=device)
-        noise = random_features(model.config, args.mentions, device, generator)
-        mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
-        ids = [f"E{i}" for i in range(num_entities)]
-        gold_ids = [ids[g] for g in gold.tolist()]
-        index = EntityIndex.from_features(model, entities, ids)
+        index, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed)
         for dtype in ("float32", "bfloat16"):
             key = "float32" if dtype == "float32" else "half"
             # The kernel is forced (a failure raises); a fallback warning would be a failure too. Other warnings

@@ -120,6 +120,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def random_kb_with_mentions(model, num_entities: int, num_mentions: int, device, seed: int):
+    """Random entity features, an `EntityIndex` of them, and mentions that are noisy copies of random gold entities:
+    (index, mention features, gold entity ids)."""
+    from modeling_m3el.index_m3el import EntityIndex
+
+    generator = generator_for(device, seed + num_entities)
+    entities = random_features(model.config, num_entities, device, generator)
+    gold = torch.randint(0, num_entities, (num_mentions,), generator=generator, device=device)
+    noise = random_features(model.config, num_mentions, device, generator)
+    mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
+    ids = [f"E{i}" for i in range(num_entities)]
+    return EntityIndex.from_features(model, entities, ids), mentions, [ids[g] for g in gold.tolist()]
+
+
 def timed(fn, device):
     """(result, seconds) of `fn()`, with the device's queue drained before and after."""
     synchronize(device)

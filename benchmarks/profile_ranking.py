@@ -13,11 +13,10 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import add_common_arguments, add_launch_argument, apply_launch, apply_threads, build_model
-from common import generator_for, machine, markdown_table, parse_sizes, random_features, timed, write_json
+from common import add_common_arguments, add_launch_argument, apply_launch, apply_threads, build_model, machine
+from common import markdown_table, parse_sizes, random_kb_with_mentions, timed, write_json
 
-from modeling_m3el import M3ELFeatures, kernels_m3el
-from modeling_m3el.index_m3el import EntityIndex
+from modeling_m3el import kernels_m3el
 from modeling_m3el.modeling_m3el import M3ELModel
 
 FUSED = "_g2l_grid_kernel"
@@ -63,14 +62,7 @@ def main(argv=None) -> int:
     print(f"# fused-kernel launch: {kernels_m3el.LAUNCH}")
     results = []
     for num_entities in parse_sizes(args.sizes):
-        generator = generator_for(device, args.seed + num_entities)
-        entities = random_features(model.config, num_entities, device, generator)
-        gold = torch.randint(0, num_entities, (args.mentions,), generator=generator, device=device)
-        noise = random_features(model.config, args.mentions, device, generator)
-        mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
-        ids = [f"E{i}" for i in range(num_entities)]
-        gold_ids = [ids[g] for g in gold.tolist()]
-        base = EntityIndex.from_features(model, entities, ids)
+        base, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed)
         for dtype in (torch.float32, torch.bfloat16):
             index = base.to(dtype=dtype)
             calls = {
