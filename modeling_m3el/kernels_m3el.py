@@ -258,8 +258,8 @@ def _padded(size: int) -> int:
 def launch_parameters(
     lq: int, lk: int, d: int, dtype: torch.dtype, has_mask: bool, block_mentions: int = 32
 ) -> tuple[dict, dict]:
-    """The kernel's compile-time constants and compile options (warps, FP fusion) for these widths (entity tokens
-    `lq`, mention tokens `lk`, channels `d`) by `LAUNCH`: what `fused_global_to_local` launches, and what
+    """The kernel's compile-time constants and compile options (warps, stages, FP fusion) for these widths (entity
+    tokens `lq`, mention tokens `lk`, channels `d`) by `LAUNCH`: what `fused_global_to_local` launches, and what
     `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
     launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
     lkp, dp = _padded(lk), _padded(d)
@@ -295,7 +295,7 @@ def fused_global_to_local(
     G2L scores (B, E), float32, of mentions (`key` already scaled by 1/sqrt(d), `value`: (B, LK, d)) against
     entities (`query`: (E, LQ, d), `entity_global`: (E, d)), with the context LayerNorm `norm`. With `needed`, a
     (B, E) bool mask, only those pairs are computed; the other entries are 0. `block_mentions`: mentions per program
-    (an entity's queries are read from memory once per block; the block's keys and values stay in cache).
+    (a program reads its entities' queries from memory once per block; the block's keys and values stay in cache).
     """
     num_entities, lq, d = query.shape
     num_mentions, lk, _ = key.shape
