@@ -141,6 +141,8 @@ def parse_args(argv=None):
     parser.add_argument("--memory-budget-mib", type=float, default=None, help="exact ranker: attention memory per "
                         "entity chunk (default: 2048 on GPU, 16 on CPU)")
     parser.add_argument("--fast-dtype", default="bfloat16", help="the fast mode's index dtype ('none': skip)")
+    parser.add_argument("--pruned-scoring", choices=("grid", "candidates"), default=None, help="how the pruned "
+                        "ranker scores its undecided pairs through the fused kernel (EntityIndex.pruned_scoring)")
     parser.add_argument("--noise", type=float, default=None, help="mention = gold entity's features + noise * "
                         "N(0, 1) (default: 1 for tiny, 5 for b32: gold ranks mostly small, not all 1)")
     args = parser.parse_args(argv)
@@ -164,6 +166,8 @@ def parse_args(argv=None):
 def run(args) -> dict:
     apply_threads(args.threads)
     apply_launch(args.launch)
+    if args.pruned_scoring:
+        EntityIndex.pruned_scoring = args.pruned_scoring
     device = torch.device(args.device)
     model = build_model(args.model, args.mode, device, args.seed)
     config = model.config
@@ -320,7 +324,8 @@ def main(argv=None) -> int:
     print(f"# Exact ranking vs the authors' loop: {args.model} model, {args.mode}, {payload['machine']}")
     kernel = "the fused Triton kernel" if payload["results"] and payload["results"][0]["fused_g2l_kernel"] else "PyTorch"
     print(f"# exact ranker: {args.exact_batch} mentions per call, {args.memory_budget / 2**20:.0f} MiB attention "
-          f"budget, G2L by {kernel}; "
+          f"budget, G2L by {kernel}"
+          + (f" (pruned: {EntityIndex.pruned_scoring})" if kernel != "PyTorch" else "") + "; "
           f"naive: {args.mention_batch} mentions per batch, {args.entity_chunk} entities per chunk")
     print(table(payload))
     write_json(args.json, payload)

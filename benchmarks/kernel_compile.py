@@ -47,10 +47,10 @@ def widths(config: M3ELConfig) -> dict[str, tuple[int, int, int]]:
     return {"text": (shapes["text_tokens"][0],) * 2 + (d,), "image": (shapes["image_tokens"][0],) * 2 + (d,)}
 
 
-def signature(dtype: torch.dtype, has_mask: bool, constants: dict) -> tuple[dict, dict]:
+def signature(kernel, dtype: torch.dtype, has_mask: bool, constants: dict) -> tuple[dict, dict]:
     """The kernel's argument types as its launch passes them, and the alignment Triton's launcher finds for them
     (every pointer 16-byte aligned, as PyTorch allocates)."""
-    arg_names = kernels_m3el._g2l_grid_kernel.arg_names
+    arg_names = kernel.arg_names
     types = {}
     for name in arg_names:
         if name in constants:
@@ -59,6 +59,8 @@ def signature(dtype: torch.dtype, has_mask: bool, constants: dict) -> tuple[dict
             types[name] = POINTER[dtype]
         elif name == "needed_ptr":
             types[name] = "*i8" if has_mask else "*fp32"  # without a mask the launch passes the output
+        elif name == "candidates_ptr":
+            types[name] = "*i64"
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
         elif name.startswith("num_"):
@@ -83,15 +85,24 @@ def resources(cubin: bytes) -> dict:
     return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
 
 
-def compile_for(capability: int, dtype: torch.dtype, lq: int, lk: int, d: int, has_mask: bool) -> dict:
+GRIDS = ("no", "yes", "candidates")  # the grid without a mask, with one, and the candidates kernel
+
+
+def compile_for(capability: int, dtype: torch.dtype, lq: int, lk: int, d: int, grid: str) -> dict:
+    """`grid`: one of `GRIDS`."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constants, options = kernels_m3el.launch_parameters(lq, lk, d, dtype, has_mask)
-    types, attrs = signature(dtype, has_mask, constants)
+    if grid == "candidates":
+        kernel = kernels_m3el._g2l_candidates_kernel
+        constants, options = kernels_m3el.candidate_launch_parameters(lq, lk, d, dtype)
+    else:
+        kernel = kernels_m3el._g2l_grid_kernel
+        constants, options = kernels_m3el.launch_parameters(lq, lk, d, dtype, grid == "yes")
+    types, attrs = signature(kernel, dtype, grid == "yes", constants)
     start = time.perf_counter()
     compiled = triton.compile(
-        ASTSource(kernels_m3el._g2l_grid_kernel, types, constants, attrs),
+        ASTSource(kernel, types, constants, attrs),
         target=GPUTarget("cuda", capability, 32),
         options=options,
     )
@@ -135,18 +146,18 @@ def main(argv=None) -> int:
     for capability in (int(t) for t in args.targets.split(",")):
         for dtype_name in args.dtypes.split(","):
             for block, (lq, lk, d) in widths(config).items():
-                for has_mask in (False, True):
-                    result = compile_for(capability, DTYPES[dtype_name], lq, lk, d, has_mask)
+                for grid in GRIDS:
+                    result = compile_for(capability, DTYPES[dtype_name], lq, lk, d, grid)
                     precision = kernels_m3el.LAUNCH["float32"]["precision"] if dtype_name == "float32" else "native"
                     results.append({"target": f"sm_{capability}", "dtype": dtype_name, "precision": precision,
-                                    "block": block, "widths": [lq, lk, d], "masked": has_mask, **result})
+                                    "block": block, "widths": [lq, lk, d], "grid": grid, **result})
                     rows.append([f"sm_{capability}", f"{dtype_name} ({precision})", f"{block} {lq}x{lk}x{d}",
-                                 "yes" if has_mask else "no", result["num_warps"], result["registers"],
+                                 grid, result["num_warps"], result["registers"],
                                  result["stack_bytes"], f"{result['shared_bytes'] / 1024:.0f}"
                                  + ("" if result["shared_fits"] else " (too much)"),
                                  result["tensor_core_instructions"], result["fma_instructions"]])
     print(f"Triton {triton.__version__}, {args.model} widths (entity tokens x mention tokens x channels)\n")
-    print(markdown_table(["target", "dtype", "G2L block", "mask", "warps", "registers/thread", "stack (spill) B",
+    print(markdown_table(["target", "dtype", "G2L block", "mask (or candidates)", "warps", "registers/thread", "stack (spill) B",
                           "shared KiB", "tensor-core instr.", "FMA instr."], rows))
     write_json(args.json, {"model": args.model, "triton": triton.__version__, "results": results})
     return 0

@@ -11,9 +11,9 @@
 #   5. (issue 4 b) two-stage retrieval at 1M entities, then at 100k
 #   6. extras: the exact ranker with PyTorch's G2L instead of the kernel; the training step with bf16 autocast alone
 #      (the authors' bf16 setting) and with torch.compile
-# `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 4 minutes (BUDGET_S default 290):
-# its check and launch variants, a profile of the ranker's calls, then exact ranking and two-stage retrieval with the
-# fastest launches that agree.
+# `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 5 minutes (BUDGET_S default 340):
+# its check and launch variants, a profile of the ranker's calls, then exact ranking (the pruned pairs by the grid
+# kernel and by the candidates kernel) and two-stage retrieval with the fastest launches that agree.
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
@@ -25,7 +25,7 @@ OUT="${OUT:-benchmarks/gpu_results}"
 mkdir -p "$OUT"
 START=$SECONDS
 default_budget=560
-[ "${1:-all}" = kernel ] && default_budget=290
+[ "${1:-all}" = kernel ] && default_budget=340
 BUDGET_S="${BUDGET_S:-$default_budget}"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -64,7 +64,7 @@ bench() {  # bench NAME LABEL LIMIT_SECONDS ARGS...: one step, cut to the time l
 }
 
 if [ "${1:-all}" = kernel ]; then
-  # The fused kernel's figures alone (about 4 minutes): its check and launch variants, whose fastest launches that
+  # The fused kernel's figures alone (about 5 minutes): its check and launch variants, whose fastest launches that
   # agree (launch.json) the exact ranking at WikiMEL's size and the two-stage retrieval then use.
   bench check_kernel fused_kernel_check 130 --model b32 --sizes 4096 --launch-out "$OUT/launch.json"
   launch=()
@@ -73,6 +73,9 @@ if [ "${1:-all}" = kernel ]; then
   bench profile_ranking ranking_profile 50 --model b32 --sizes 32768 --mentions 128 "${launch[@]}"
   bench bench_exact_ranking exact_ranking_110k 90 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
     "${launch[@]}"
+  # the same with the pruned ranker's undecided pairs scored through the candidates kernel (each mention's list)
+  bench bench_exact_ranking exact_ranking_110k_candidates 70 --model b32 --sizes 109976 --mentions 256 \
+    --naive-mentions 10 --pruned-scoring candidates "${launch[@]}"
   bench bench_two_stage two_stage_1m 60 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
     --index-dtype bfloat16 "${launch[@]}"
   bench bench_two_stage two_stage_100k 40 --model b32 --sizes 100000 --backends torch --k 0.1%,1%,2% \

@@ -78,6 +78,13 @@ class EntityIndex:
     with `scores`, `rank` or `topk`.
     """
 
+    # How the pruned `rank` and `topk` score their undecided pairs through the fused kernel (CUDA): "grid", the
+    # kernel's (mention, entity) grid with a mask of the pairs needed (a program step covers 5-6 entities and runs
+    # when any of them is needed; measured on an H200, benchmarks/README.md), or "candidates", each mention's list
+    # of needed entities (a step covers 5-6 of that mention's needed entities: no step for pairs not needed; checked
+    # in Triton's interpreter, not yet timed on a GPU).
+    pruned_scoring = "grid"
+
     def __init__(self, tensors: dict[str, torch.Tensor], entity_ids: Sequence[str], fingerprint: str):
         if len(entity_ids) == 0:
             raise ValueError("an EntityIndex needs at least one entity")
@@ -467,12 +474,22 @@ class EntityIndex:
         other pairs of the grid: (mention rows, entity rows, scores), in `needed`'s row-major order. Should the
         kernel fail, it is turned off (one warning) and the grid is scored by PyTorch in pieces within the budget.
         """
+        if self.pruned_scoring not in ("grid", "candidates"):
+            raise ValueError(f"pruned_scoring must be 'grid' or 'candidates', got {self.pruned_scoring!r}")
         rows, columns = needed.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return rows, columns + start, torch.zeros(0, dtype=torch.float32, device=self.device)
         if self._fused():  # (no longer, once the kernel has failed in an earlier chunk)
             try:
                 with strict_kernel():
+                    if self.pruned_scoring == "candidates":  # each mention's needed entities, in one row
+                        order, sorted_rows, counts, slots = _group_by_mention(rows, needed.shape[0])
+                        candidates = torch.full((needed.shape[0], int(counts.max())), -1, device=self.device)
+                        candidates[sorted_rows, slots] = columns[order]
+                        logits = model.score_prepared(mentions, self._prepared(start, stop), candidates=candidates)
+                        scores = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
+                        scores[order] = logits.logits[sorted_rows, slots].float()
+                        return rows, columns + start, scores
                     logits = model.score_prepared(mentions, self._prepared(start, stop), needed=needed).logits
                 return rows, columns + start, logits[rows, columns].float()
             except FusedKernelError as error:

@@ -52,6 +52,8 @@ LAUNCH = {
     "float32": {"rows": 128, "warps": 8, "stages": 1, "precision": "tf32x3"},
     "half": {"rows": 256, "warps": 8, "stages": 1},
 }
+# Candidate tiles a program of the candidates kernel walks (with 6 candidates a tile: 48 candidates a program).
+CANDIDATE_STEPS = 8
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
 _kernel_failure: str | None = None
@@ -214,6 +216,51 @@ if triton is not None:
                     tl.store(out_ptr + mention * num_entities + entities, score, mask=slot_valid)
 
 
+    @triton.jit(do_not_specialize=["num_candidates"])
+    def _g2l_candidates_kernel(
+        query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, candidates_ptr, out_ptr,
+        num_candidates, eps,
+        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, STEPS: tl.constexpr,
+        PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        # A program: one mention against STEPS tiles of its candidates (entity rows; -1 pads), BLOCK_E candidates a
+        # tile, their token rows gathered from the index (contiguous within an entity).
+        mention = tl.program_id(0).to(tl.int64)
+        first = tl.program_id(1).to(tl.int64) * (BLOCK_E * STEPS)
+        rows, tokens, dims, slots = tl.arange(0, ROWS), tl.arange(0, LKP), tl.arange(0, DP), tl.arange(0, EP)
+        in_d = dims < D
+        row_slot = rows // LQ
+        token_mask = (tokens[:, None] < LK) & in_d[None, :]
+        listed = candidates_ptr + mention * num_candidates
+        for step in range(0, STEPS):
+            start = first + step * BLOCK_E
+            if start < num_candidates:
+                places = start + slots
+                entities = tl.load(listed + places, mask=(slots < BLOCK_E) & (places < num_candidates), other=-1)
+                slot_valid = entities >= 0
+                row_entity = tl.load(listed + start + row_slot, mask=(row_slot < BLOCK_E) & (start + row_slot <
+                                     num_candidates), other=-1)
+                row_valid = row_entity >= 0
+                query = tl.load(
+                    query_ptr + (row_entity * LQ + rows % LQ)[:, None] * D + dims[None, :],
+                    mask=row_valid[:, None] & in_d[None, :], other=0.0,
+                )
+                if UPCAST:
+                    query = query.to(tl.float32)
+                segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
+                scaled_global = tl.load(
+                    scaled_global_ptr + entities[:, None] * D + dims[None, :],
+                    mask=slot_valid[:, None] & in_d[None, :], other=0.0,
+                ).to(tl.float32)
+                bias = tl.load(global_bias_ptr + entities, mask=slot_valid, other=0.0).to(tl.float32)
+                score = _mention_scores(
+                    query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
+                    in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
+                )
+                tl.store(out_ptr + mention * num_candidates + places, score, mask=slot_valid)
+
+
 def record_failure(error: Exception) -> None:
     """Turn the kernel off for this process ("auto" mode), with one warning that says why."""
     global _kernel_failure
@@ -282,6 +329,13 @@ def launch_parameters(
     return constants, {"num_warps": warps, "num_stages": launch.get("stages", 1), "enable_fp_fusion": True}
 
 
+def candidate_launch_parameters(lq: int, lk: int, d: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """`launch_parameters` for the candidates kernel: the same tile, `CANDIDATE_STEPS` tiles a program."""
+    constants, options = launch_parameters(lq, lk, d, dtype, False)
+    constants = {k: v for k, v in constants.items() if k not in ("BLOCK_B", "MB", "HAS_MASK")}
+    return {**constants, "STEPS": CANDIDATE_STEPS}, options
+
+
 def fused_global_to_local(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -290,12 +344,15 @@ def fused_global_to_local(
     norm: torch.nn.LayerNorm,
     needed: torch.Tensor | None = None,
     block_mentions: int = 32,
+    candidates: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     G2L scores (B, E), float32, of mentions (`key` already scaled by 1/sqrt(d), `value`: (B, LK, d)) against
     entities (`query`: (E, LQ, d), `entity_global`: (E, d)), with the context LayerNorm `norm`. With `needed`, a
     (B, E) bool mask, only those pairs are computed; the other entries are 0. `block_mentions`: mentions per program
     (a program reads its entities' queries from memory once per block; the block's keys and values stay in cache).
+    With `candidates` instead, (B, K) entity rows per mention (-1 for none), the scores (B, K) of those pairs alone
+    (0 where -1): a program takes one mention and tiles of its candidates, whose token rows it gathers.
     """
     num_entities, lq, d = query.shape
     num_mentions, lk, _ = key.shape
@@ -307,6 +364,20 @@ def fused_global_to_local(
     entity_global = entity_global.float()
     scaled_global = (entity_global * gamma).contiguous()
     global_bias = (entity_global @ beta).contiguous()
+    eps = float(norm.eps)
+    if candidates is not None:
+        if needed is not None or candidates.dim() != 2 or candidates.shape[0] != num_mentions:
+            raise ValueError(f"candidates must be ({num_mentions}, K) entity rows, without needed; got "
+                             f"{tuple(candidates.shape)}")
+        candidates = candidates.to(device=query.device, dtype=torch.int64).contiguous()
+        out = torch.zeros(candidates.shape, dtype=torch.float32, device=query.device)
+        constants, options = candidate_launch_parameters(lq, lk, d, dtype)
+        grid = (num_mentions, triton.cdiv(candidates.shape[1], constants["BLOCK_E"] * CANDIDATE_STEPS))
+        _g2l_candidates_kernel[grid](
+            query, key, value, scaled_global, global_bias, candidates, out, candidates.shape[1], eps,
+            **constants, **options,
+        )
+        return out
     out = torch.zeros((num_mentions, num_entities), dtype=torch.float32, device=query.device)
     if needed is not None:
         if needed.shape != (num_mentions, num_entities):
@@ -316,6 +387,6 @@ def fused_global_to_local(
     grid = (triton.cdiv(num_entities, constants["BLOCK_E"]), triton.cdiv(num_mentions, block_mentions))
     _g2l_grid_kernel[grid](
         query, key, value, scaled_global, global_bias, needed if needed is not None else out, out,
-        num_mentions, num_entities, float(norm.eps), **constants, **options,
+        num_mentions, num_entities, eps, **constants, **options,
     )
     return out

@@ -185,18 +185,22 @@ class M3ELIntraModalMatching(nn.Module):
         return {"embeds": embeds, "key": self.key(tokens), "value": self.value(tokens)}
 
     def score(
-        self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor], needed: torch.Tensor | None = None
+        self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor], needed: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         `(g2g + g2l) / 2`. Entity tensors of shape (E, ...) score every mention against every entity, (B, E);
         entity tensors gathered per mention, (B, K, ...), score each mention against its own K candidates, (B, K).
-        `needed`: see `global_to_local`.
+        `needed`, `candidates`: see `global_to_local`.
         """
         global_to_global = _pair_dot(mention["embeds"], entity["embeds"])  # (B, E) or (B, K)
-        return (global_to_global + self.global_to_local(mention, entity, needed)) / 2
+        if candidates is not None:
+            global_to_global = global_to_global.gather(1, candidates.clamp(min=0))
+        return (global_to_global + self.global_to_local(mention, entity, needed, candidates)) / 2
 
     def global_to_local(
-        self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor], needed: torch.Tensor | None = None
+        self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor], needed: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         G2L scores (SPEC 4.1): `<c_e, LN(mean_i softmax_j(Q_e K_b^T / sqrt(d)) U_b)>`, for every (mention, entity)
@@ -206,15 +210,22 @@ class M3ELIntraModalMatching(nn.Module):
         Every pair of the grid goes through the fused kernel of `kernels_m3el.py` on CUDA (inference only), through
         plain PyTorch otherwise. `needed`, an optional (B, E) bool mask, says which pairs of the grid are wanted:
         the kernel skips the others, whose entries are then meaningless (the PyTorch path computes them anyway).
+        `candidates`, optional (B, K) entity rows of the grid's entities (-1: none), gives each mention's scores
+        against those entities alone, (B, K) (meaningless where -1): the kernel scores just those pairs, the PyTorch
+        path the whole grid, then picks them.
         """
         query, value = entity["query"], mention["value"]
         # 1/sqrt(d) applied to the (B, Lx, d) keys rather than to the far larger attention scores: one pass fewer.
         key = mention["key"] * self.scale
         num_mentions, num_mention_tokens, d = key.shape
         if query.dim() == 3 and fused_g2l_wanted(query, key, value, entity["global"]):
-            scores = try_fused_global_to_local(query, key, value, entity["global"], self.context_norm, needed)
+            scores = try_fused_global_to_local(
+                query, key, value, entity["global"], self.context_norm, needed, candidates=candidates
+            )
             if scores is not None:
                 return scores.to(query.dtype)
+        if candidates is not None:
+            return self.global_to_local(mention, entity).gather(1, candidates.clamp(min=0))
         if query.dim() == 3:
             num_entities, num_entity_tokens, _ = query.shape
             # Every entity token attends over every mention token, in one matmul; no padding mask (SPEC 4.1).
@@ -509,21 +520,29 @@ class M3ELModel(M3ELPreTrainedModel):
             prepared["cross_modal"] = self.cross_modal_matching(normed)
         return prepared
 
-    def score_prepared(self, mentions: dict, entities: dict, needed: torch.Tensor | None = None) -> M3ELScores:
+    def score_prepared(
+        self, mentions: dict, entities: dict, needed: torch.Tensor | None = None, candidates: torch.Tensor | None = None
+    ) -> M3ELScores:
         """
         Scores (B, E) from the outputs of `prepare_mentions` and `prepare_entities`. Entity tensors gathered per
         mention, of shape (B, K, ...), give each mention's scores against its own candidates, (B, K) (see
         `score_prepared_candidates`). `needed`, an optional (B, E) bool mask of the pairs wanted, lets the fused G2L
         kernel skip the others (their scores are then meaningless; see `M3ELIntraModalMatching.global_to_local`).
+        `candidates`, optional (B, K) rows of the (E, ...) entity tensors (-1: none), gives the scores (B, K) of
+        those pairs alone (meaningless where -1), the entity tensors left ungathered.
         """
         branch_logits = {}
         if self.text_matching is not None:
-            branch_logits["text"] = self.text_matching.score(mentions["text"], entities["text"], needed)
+            branch_logits["text"] = self.text_matching.score(mentions["text"], entities["text"], needed, candidates)
         if self.image_matching is not None:
-            branch_logits["image"] = self.image_matching.score(mentions["image"], entities["image"], needed)
+            branch_logits["image"] = self.image_matching.score(
+                mentions["image"], entities["image"], needed, candidates
+            )
         if self.cross_modal_matching is not None:
             for name, vector in mentions["cross_modal"].items():
                 branch_logits[name] = _pair_dot(vector, entities["cross_modal"][name])
+                if candidates is not None:
+                    branch_logits[name] = branch_logits[name].gather(1, candidates.clamp(min=0))
         logits = sum(branch_logits.values()) / len(branch_logits)
         return M3ELScores(
             logits=logits,

@@ -151,7 +151,9 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
     assert "TRITON_DEFAULT_FP_FUSION" not in completed.stderr  # the launch states FP fusion (Triton 3.9 warns if not)
     results = json.loads(output.read_text())["results"]
     assert {r["target"] for r in results} == {f"sm_{t}" for t in targets.split(",")}
-    assert len(results) == len(targets.split(",")) * 2 * 2 * 2  # targets x dtypes x G2L blocks x (masked or not)
+    # targets x dtypes x G2L blocks x (the grid without a mask, with one, the candidates kernel)
+    assert len(results) == len(targets.split(",")) * 2 * 2 * 3
+    assert {r["grid"] for r in results} == {"no", "yes", "candidates"}
     for result in results:
         assert 0 < result["registers"] <= 255, result
         if result["dtype"] == "bfloat16" and result["target"] == "sm_90":

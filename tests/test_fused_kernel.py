@@ -53,6 +53,13 @@ SCRIPT = textwrap.dedent(
         top = index.topk(model, mentions, k=3)
         torch.testing.assert_close(top[0], reference_top[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(top[1], reference_top[1])
+        # The pruned ranker scoring each mention's needed entities through the candidates kernel: the same results.
+        index.pruned_scoring = "candidates"
+        assert torch.equal(index.rank(model, mentions, gold_ids), reference_ranks)
+        top = index.topk(model, mentions, k=3)
+        torch.testing.assert_close(top[0], reference_top[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(top[1], reference_top[1])
+        index.pruned_scoring = "grid"
 
         # The kernel alone: G2L of the text block, every pair, then a mask that skips some.
         block = model.text_matching
@@ -87,6 +94,14 @@ SCRIPT = textwrap.dedent(
                 torch.testing.assert_close(variant[needed], full[needed], rtol=1e-5, atol=1e-5)
                 assert (variant[~needed] == 0).all()
             kernels_m3el.LAUNCH.update(default)
+            # Listed candidates (-1: none), the kernel that gathers each mention's entities: the grid's scores.
+            candidates = torch.randint(-1, expected.shape[1], (expected.shape[0], 11), generator=generator)
+            listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                           block.context_norm, candidates=candidates)
+            present = candidates >= 0
+            torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
+                                       rtol=1e-6, atol=1e-6)
+            assert (listed[~present] == 0).all()
         use("auto")
         # CPU tensors: the kernel only runs where asked (interpreter); with gradients it never does.
         assert not fused_g2l_wanted(prepared_e["query"])

@@ -68,6 +68,24 @@ def _kb_and_mentions(model: M3ELModel, noise: float = 1.0, seed: int = 0, duplic
     return index, mentions, [ids[g] for g in gold.tolist()]
 
 
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_scores_of_listed_candidates_are_the_grid_scores(processor, overrides):
+    """`score_prepared(candidates=...)`: each mention's scores against its listed entity rows (-1: none) are its grid
+    scores against those entities (the PyTorch path; the fused kernel's is checked in test_fused_kernel.py)."""
+    model = _model(processor, **overrides)
+    index, mentions, _ = _kb_and_mentions(model)
+    prepared = index._on_index(model.prepare_mentions(mentions))
+    entities = index._prepared(0, len(index))
+    generator = torch.Generator().manual_seed(5)
+    candidates = torch.randint(-1, len(index), (NUM_MENTIONS, 17), generator=generator)
+    with torch.no_grad():
+        grid = model.score_prepared(prepared, entities).logits
+        listed = model.score_prepared(prepared, entities, candidates=candidates).logits
+    assert listed.shape == candidates.shape
+    present = candidates >= 0
+    torch.testing.assert_close(listed[present], grid.gather(1, candidates.clamp(min=0))[present], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("g2l_scale", [1.0, 30.0])
 @pytest.mark.parametrize("overrides", VARIANTS)
 def test_score_bounds_hold(processor, overrides, g2l_scale):
