@@ -157,8 +157,8 @@ def main(argv=None) -> int:
                                  + ("" if result["shared_fits"] else " (too much)"),
                                  result["tensor_core_instructions"], result["fma_instructions"]])
     print(f"Triton {triton.__version__}, {args.model} widths (entity tokens x mention tokens x channels)\n")
-    print(markdown_table(["target", "dtype", "G2L block", "mask (or candidates)", "warps", "registers/thread", "stack (spill) B",
-                          "shared KiB", "tensor-core instr.", "FMA instr."], rows))
+    print(markdown_table(["target", "dtype", "G2L block", "mask (or candidates)", "warps", "registers/thread",
+                          "stack (spill) B", "shared KiB", "tensor-core instr.", "FMA instr."], rows))
     write_json(args.json, {"model": args.model, "triton": triton.__version__, "results": results})
     return 0
 

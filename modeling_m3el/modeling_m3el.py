@@ -195,7 +195,7 @@ class M3ELIntraModalMatching(nn.Module):
         """
         global_to_global = _pair_dot(mention["embeds"], entity["embeds"])  # (B, E) or (B, K)
         if candidates is not None:
-            global_to_global = global_to_global.gather(1, candidates.clamp(min=0))
+            global_to_global = _listed(global_to_global, candidates)
         return (global_to_global + self.global_to_local(mention, entity, needed, candidates)) / 2
 
     def global_to_local(
@@ -215,6 +215,10 @@ class M3ELIntraModalMatching(nn.Module):
         path the whole grid, then picks them.
         """
         query, value = entity["query"], mention["value"]
+        if candidates is not None and query.dim() != 3:
+            raise ValueError(
+                "candidates are rows of ungathered (E, ...) entity tensors; these are gathered per mention"
+            )
         # 1/sqrt(d) applied to the (B, Lx, d) keys rather than to the far larger attention scores: one pass fewer.
         key = mention["key"] * self.scale
         num_mentions, num_mention_tokens, d = key.shape
@@ -225,7 +229,7 @@ class M3ELIntraModalMatching(nn.Module):
             if scores is not None:
                 return scores.to(query.dtype)
         if candidates is not None:
-            return self.global_to_local(mention, entity).gather(1, candidates.clamp(min=0))
+            return _listed(self.global_to_local(mention, entity), candidates)
         if query.dim() == 3:
             num_entities, num_entity_tokens, _ = query.shape
             # Every entity token attends over every mention token, in one matmul; no padding mask (SPEC 4.1).
@@ -263,6 +267,11 @@ class M3ELIntraModalMatching(nn.Module):
         scaled = entity_global * gamma
         scaled = scaled - scaled.mean(dim=-1, keepdim=True)
         return entity_global @ beta, scaled.norm(dim=-1) * math.sqrt(entity_global.shape[-1])
+
+
+def _listed(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Grid scores (B, E) at each mention's listed entity rows (B, K); -1 (none) gives a meaningless entry."""
+    return scores.gather(1, candidates.clamp(min=0))
 
 
 def _pair_dot(mention: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
@@ -542,7 +551,7 @@ class M3ELModel(M3ELPreTrainedModel):
             for name, vector in mentions["cross_modal"].items():
                 branch_logits[name] = _pair_dot(vector, entities["cross_modal"][name])
                 if candidates is not None:
-                    branch_logits[name] = branch_logits[name].gather(1, candidates.clamp(min=0))
+                    branch_logits[name] = _listed(branch_logits[name], candidates)
         logits = sum(branch_logits.values()) / len(branch_logits)
         return M3ELScores(
             logits=logits,
