@@ -239,8 +239,8 @@ if triton is not None:
                 places = start + slots
                 entities = tl.load(listed + places, mask=(slots < BLOCK_E) & (places < num_candidates), other=-1)
                 slot_valid = entities >= 0
-                row_entity = tl.load(listed + start + row_slot, mask=(row_slot < BLOCK_E) & (start + row_slot <
-                                     num_candidates), other=-1)
+                row_listed = (row_slot < BLOCK_E) & (start + row_slot < num_candidates)
+                row_entity = tl.load(listed + start + row_slot, mask=row_listed, other=-1)  # each row's entity
                 row_valid = row_entity >= 0
                 query = tl.load(
                     query_ptr + (row_entity * LQ + rows % LQ)[:, None] * D + dims[None, :],
