@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import add_common_arguments, add_launch_argument, apply_launch, apply_threads, build_model, machine
-from common import markdown_table, parse_sizes, random_kb_with_mentions, timed, write_json
+from common import feature_shapes, markdown_table, parse_sizes, random_kb_with_mentions, timed, write_json
 
 from modeling_m3el import kernels_m3el
 from modeling_m3el.modeling_m3el import M3ELModel
@@ -35,11 +35,8 @@ def device_times(prof, cuda: bool) -> list[tuple[str, float, int]]:
 def grid_steps(model: M3ELModel, num_entities: int, num_mentions: int, dtype: torch.dtype) -> int:
     """Program steps of the fused kernel for one full grid of every G2L block: (programs) x (mentions each)."""
     steps = 0
-    for block in ("text", "image"):
-        lq = model.config.text_max_length if block == "text" else None
-        if lq is None:
-            vision = model.config.clip_config.vision_config
-            lq = (vision.image_size // vision.patch_size) ** 2 + 1
+    shapes = feature_shapes(model.config)
+    for lq in (shapes["text_tokens"][0], shapes["image_tokens"][0]):
         constants, _ = kernels_m3el.launch_parameters(lq, lq, model.config.matching_dim, dtype, False)
         steps += -(-num_entities // constants["BLOCK_E"]) * num_mentions
     return steps

@@ -82,6 +82,25 @@ def fused_g2l_wanted(query: torch.Tensor, *tensors: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _layer_norm_dot(context, scaled_global, bias, in_d, eps, D: tl.constexpr):
+        """`<c, LN(context)>` over the last (channel) axis, LayerNorm folded into the dot: `<c * gamma, n> + <c,
+        beta>`, with `scaled_global` = c * gamma and `bias` = <c, beta> broadcast against the leading axes."""
+        mean = tl.sum(context, axis=-1, keep_dims=True) / D
+        centered = tl.where(in_d, context - mean, 0.0)
+        variance = tl.sum(centered * centered, axis=-1, keep_dims=True) / D
+        normalized = centered * (1.0 / tl.sqrt(variance + eps))
+        return tl.sum(normalized * scaled_global, axis=-1) + bias
+
+    @triton.jit
+    def _entity_globals(scaled_global_ptr, global_bias_ptr, entities, valid, dims, in_d, D: tl.constexpr):
+        """The entity vectors `_layer_norm_dot` takes, (EP, DP) and (EP,), float32; 0 where not `valid`."""
+        scaled_global = tl.load(
+            scaled_global_ptr + entities[:, None] * D + dims[None, :], mask=valid[:, None] & in_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        return scaled_global, tl.load(global_bias_ptr + entities, mask=valid, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _mention_scores(
         query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask, in_d, eps,
         LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr,
@@ -106,12 +125,7 @@ if triton is not None:
         inverse = 1.0 / (tl.sum(scores, axis=1) * LQ)  # (ROWS,)
         weights = tl.dot(segment * inverse[None, :], scores, input_precision=SMALL_PRECISION)  # (EP, LKP)
         context = tl.dot(weights, value, input_precision=SMALL_PRECISION)  # (EP, DP): the weighted values
-        # LayerNorm over the D channels, folded into the dot with c_e: <c, gamma n + beta>
-        mean = tl.sum(context, axis=1) / D
-        centered = tl.where(in_d[None, :], context - mean[:, None], 0.0)
-        variance = tl.sum(centered * centered, axis=1) / D
-        normalized = centered * (1.0 / tl.sqrt(variance + eps))[:, None]
-        return tl.sum(normalized * scaled_global, axis=1) + bias
+        return _layer_norm_dot(context, scaled_global, bias, in_d, eps, D)
 
     @triton.jit
     def _mentions_scores(
@@ -142,11 +156,7 @@ if triton is not None:
         weights = tl.dot(segment, tl.reshape(scores, (rows, MB * LKP)), input_precision=SMALL_PRECISION)
         weights = tl.permute(tl.reshape(weights, (EP, MB, LKP)), (1, 0, 2))  # (MB, EP, LKP)
         context = tl.dot(weights, tl.reshape(value, (MB, LKP, DP)), input_precision=SMALL_PRECISION)  # (MB, EP, DP)
-        mean = tl.sum(context, axis=2) / D
-        centered = tl.where(in_d[None, None, :], context - mean[:, :, None], 0.0)
-        variance = tl.sum(centered * centered, axis=2) / D
-        normalized = centered * (1.0 / tl.sqrt(variance + eps))[:, :, None]
-        return tl.sum(normalized * scaled_global[None, :, :], axis=2) + bias[None, :]
+        return _layer_norm_dot(context, scaled_global, bias, in_d, eps, D)  # (MB, EP)
 
     @triton.jit(do_not_specialize=["num_mentions", "num_entities"])
     def _g2l_grid_kernel(
@@ -175,11 +185,7 @@ if triton is not None:
         segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
         entities = first_entity + slots
         slot_valid = (slots < BLOCK_E) & (entities < num_entities)
-        scaled_global = tl.load(
-            scaled_global_ptr + entities[:, None] * D + dims[None, :], mask=slot_valid[:, None] & in_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        bias = tl.load(global_bias_ptr + entities, mask=slot_valid, other=0.0).to(tl.float32)
+        scaled_global, bias = _entity_globals(scaled_global_ptr, global_bias_ptr, entities, slot_valid, dims, in_d, D)
         token_mask = (tokens[:, None] < LK) & in_d[None, :]
         count = tl.minimum(num_mentions - first_mention, BLOCK_B)  # the last block is cut to the batch
         if MB > 1:  # MB mentions a step
@@ -249,11 +255,9 @@ if triton is not None:
                 if UPCAST:
                     query = query.to(tl.float32)
                 segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
-                scaled_global = tl.load(
-                    scaled_global_ptr + entities[:, None] * D + dims[None, :],
-                    mask=slot_valid[:, None] & in_d[None, :], other=0.0,
-                ).to(tl.float32)
-                bias = tl.load(global_bias_ptr + entities, mask=slot_valid, other=0.0).to(tl.float32)
+                scaled_global, bias = _entity_globals(
+                    scaled_global_ptr, global_bias_ptr, entities, slot_valid, dims, in_d, D
+                )
                 score = _mention_scores(
                     query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
                     in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
