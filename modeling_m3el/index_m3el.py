@@ -388,6 +388,12 @@ class EntityIndex:
             )
         mentions = self._on_index(mentions)
         num_candidates = candidate_rows.shape[1]
+        if self._fused():  # the candidates kernel reads each listed entity's rows from the index: nothing gathered
+            try:
+                with strict_kernel():
+                    return self._score_listed(model, mentions, candidate_rows, memory_budget_bytes)
+            except FusedKernelError as error:
+                record_failure(error)
         per_candidate = self._bytes_per_candidate()
         # Candidates in slices only when one mention's candidates alone exceed the budget.
         slice_size = max(1, min(num_candidates, memory_budget_bytes // per_candidate))
@@ -404,6 +410,26 @@ class EntityIndex:
                 columns.append(model.score_prepared_candidates(group_mentions, candidates).logits)
             pieces.append(torch.cat(columns, dim=1))
         return torch.cat(pieces, dim=0)
+
+    def _score_listed(
+        self, model: M3ELModel, mentions: dict, candidate_rows: torch.Tensor, memory_budget_bytes: int
+    ) -> torch.Tensor:
+        """
+        `score_prepared_candidates` through the fused kernel's candidates grid: the G2L parts from the index's own
+        rows, the dot-product parts from gathered vectors (or every pair, then picked, when K * D >= E), a group of
+        mentions at a time within the budget.
+        """
+        num_mentions, num_candidates = candidate_rows.shape
+        widths = [t.shape[1] for k, t in self.tensors.items() if t.dim() == 2 and not k.endswith(".global")]
+        per_mention = 4 * sum(min(len(self), num_candidates * w) for w in widths) + 16 * num_candidates
+        group = max(1, min(num_mentions, memory_budget_bytes // per_mention))
+        entities = self._prepared(0, len(self))
+        pieces = []
+        for start in range(0, num_mentions, group):
+            part = {b: {k: t[start : start + group] for k, t in p.items()} for b, p in mentions.items()}
+            logits = model.score_prepared(part, entities, candidates=candidate_rows[start : start + group]).logits
+            pieces.append(logits.float())
+        return torch.cat(pieces)
 
     def _prepared_rows(self, rows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """The index tensors at `rows` (b, k), each of shape (b, k, ...), nested like `prepare_entities`."""
@@ -514,10 +540,13 @@ class EntityIndex:
         return self._on_index(model.prepare_mentions(mention_features)), num_mentions
 
     def _bound_chunks(self, num_mentions: int, chunk_size: int | None, memory_budget_bytes: int):
-        """Entity ranges for `score_bounds`: its float32 (B, chunk) products, bounds and masks within the budget."""
+        """Entity ranges for `score_bounds`: its float32 (B, chunk) products, bounds and masks, and the (B, chunk, r)
+        coordinates of the G2L bound (r: a block's mention tokens, at most d), within the budget."""
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        step = chunk_size or max(1, min(len(self), memory_budget_bytes // (16 * 4 * num_mentions)))
+        ranks = [min(self.tensors[f"{b}.query"].shape[1:]) for b in ("text", "image") if f"{b}.query" in self.tensors]
+        floats_per_pair = 16 + max(ranks, default=0)
+        step = chunk_size or max(1, min(len(self), memory_budget_bytes // (floats_per_pair * 4 * num_mentions)))
         for start in range(0, len(self), step):
             yield start, min(start + step, len(self))
 
@@ -558,10 +587,11 @@ class EntityIndex:
         _refuse_nan(gold_scores, "gold entity's score")
         above = torch.zeros(num_mentions, dtype=torch.long, device=self.device)
         fused = self._fused()
+        spans = model.mention_spans(mentions)
         pair_mentions, pair_entities, pair_scores = [], [], []
         final_gold = torch.empty_like(gold_scores)
         for start, stop in self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes):
-            lower, upper = model.score_bounds(mentions, self._prepared(start, stop))
+            lower, upper = model.score_bounds(mentions, self._prepared(start, stop), spans)
             others = torch.arange(start, stop, device=self.device)[None, :] != gold[:, None]
             surely_above = (lower >= gold_scores[:, None]) & others
             undecided = (upper >= gold_scores[:, None]) & others & ~surely_above
@@ -625,9 +655,10 @@ class EntityIndex:
         chunks = list(self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes))
         # Pass 1: the k entities of each mention with the best estimate (the middle of the bounds), scored exactly:
         # the k-th best of these scores is a score the true top k all reach.
+        spans = model.mention_spans(mentions)
         best_middle, best_rows = None, None
         for start, stop in chunks:
-            lower, upper = model.score_bounds(mentions, self._prepared(start, stop))
+            lower, upper = model.score_bounds(mentions, self._prepared(start, stop), spans)
             middle = lower.add_(upper).div_(2)
             rows = torch.arange(start, stop, device=self.device).expand(num_mentions, -1)
             if best_middle is not None:
@@ -643,7 +674,7 @@ class EntityIndex:
         fused = self._fused()
         pair_mentions, pair_entities, pair_scores = [], [], []
         for start, stop in chunks:
-            _, upper = model.score_bounds(mentions, self._prepared(start, stop))
+            _, upper = model.score_bounds(mentions, self._prepared(start, stop), spans)
             candidates = upper >= threshold[:, None]
             if fused:
                 rows, entities, scores = self._score_needed(

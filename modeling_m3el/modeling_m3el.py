@@ -193,9 +193,7 @@ class M3ELIntraModalMatching(nn.Module):
         entity tensors gathered per mention, (B, K, ...), score each mention against its own K candidates, (B, K).
         `needed`, `candidates`: see `global_to_local`.
         """
-        global_to_global = _pair_dot(mention["embeds"], entity["embeds"])  # (B, E) or (B, K)
-        if candidates is not None:
-            global_to_global = _listed(global_to_global, candidates)
+        global_to_global = _pair_dot(mention["embeds"], entity["embeds"], candidates)  # (B, E) or (B, K)
         return (global_to_global + self.global_to_local(mention, entity, needed, candidates)) / 2
 
     def global_to_local(
@@ -227,7 +225,7 @@ class M3ELIntraModalMatching(nn.Module):
                 query, key, value, entity["global"], self.context_norm, needed, candidates=candidates
             )
             if scores is not None:
-                return scores.to(query.dtype)
+                return scores.to(torch.promote_types(query.dtype, torch.float32))
         if candidates is not None:
             return _listed(self.global_to_local(mention, entity), candidates)
         if query.dim() == 3:
@@ -247,26 +245,126 @@ class M3ELIntraModalMatching(nn.Module):
             attention = attention.softmax(dim=-1)
             weights = attention.mean(dim=2)  # (B, K, Lx)
             entity_global = entity["global"]  # (B, K, d)
-        context = torch.bmm(weights, value)  # (B, E, d) or (B, K, d)
-        # A half-precision index scored by a float32 model: the LayerNorm runs in its parameters' dtype (CUDA's
-        # kernel takes a single dtype), and the scores stay in the index's.
-        context = self.context_norm(context.to(self.context_norm.weight.dtype)).to(context.dtype)
-        return (context * entity_global).sum(dim=-1)
+        # The weighted values, their LayerNorm and the dot in at least float32, as in the fused kernel: scores of a
+        # half-precision index are float32 (only its tensors are half precision), and a context rounded to half
+        # precision would leave the span of the mention's values, which `global_to_local_bounds` relies on (under
+        # autocast the product is still half precision; the bounds allow for that).
+        work = torch.promote_types(torch.promote_types(value.dtype, self.context_norm.weight.dtype), torch.float32)
+        context = torch.bmm(weights.to(work), value.to(work)).to(work)  # (B, E, d) or (B, K, d)
+        norm = self.context_norm
+        context = F.layer_norm(context, norm.normalized_shape, norm.weight.to(work), norm.bias.to(work), norm.eps)
+        return (context * entity_global.to(work)).sum(dim=-1)
 
-    def global_to_local_bounds(self, entity: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def mention_span(self, mention: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """
-        `(center, radius)`, of shape (E,) in float32 (float64 for a float64 index), such that `g2l[b, e]` lies in
-        `center[e] +- radius[e]` for every mention b. The context is `LN(x) = gamma * n + beta` with
-        `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose entries sum to 0 and whose norm is below sqrt(d); so
-        `<c, LN(x)> = <c, beta> + <c * gamma - mean, n>`, and Cauchy-Schwarz bounds the second term by
-        `sqrt(d) * |c * gamma - mean(c * gamma)|`, whatever x is (a context along `c * gamma` attains it).
+        What the mention-dependent G2L bound of `global_to_local_bounds` needs from B mentions, computed once per
+        batch. Whatever the attention weights, a mention's centred context `x - mean(x) = sum_j a_j (U_j - mean(U_j))`
+        lies in the span of its L centred value vectors: at most L of the d - 1 dimensions of centred vectors (at
+        B/32 sizes 40 or 50 of 95). None when L >= d - 1 (the span can be all of them: nothing to gain).
+
+        Returns `basis` (B, d, L): nearly orthonormal columns spanning the centred values (Cholesky QR, twice, in
+        float64; Householder QR for a mention whose values are linearly dependent), kept in the bound's working
+        dtype; `scale` (B,): `1 / sqrt(1 - |Q^T Q - I|)` of the basis as kept, so that `<w, y> / |y| <= |Q^T w| *
+        scale` for y in its span; and `outside` (B,): how far a context as computed can lie from that span (the
+        values' distance to it, and the rounding of the weighted sum and of the LayerNorm's centring, which leave
+        it; the rounding of the weights does not).
+        """
+        value = mention["value"]
+        num_mentions, tokens, d = value.shape
+        if tokens >= d - 1:
+            return None
+        work = torch.promote_types(value.dtype, torch.float32)
+        exact = value.to(device="cpu" if value.device.type == "mps" else value.device, dtype=torch.float64)
+        centered = exact - exact.mean(dim=-1, keepdim=True)  # (B, L, d)
+        rows, failed = centered, torch.zeros(num_mentions, dtype=torch.bool, device=centered.device)
+        for _ in range(2):  # rows <- L^-1 rows with L L^T = rows rows^T: orthonormal rows (the second pass refines)
+            lower, info = torch.linalg.cholesky_ex(rows @ rows.transpose(1, 2))
+            failed |= info != 0
+            lower = torch.where(failed[:, None, None], torch.eye(tokens, dtype=lower.dtype, device=lower.device), lower)
+            rows = torch.linalg.solve_triangular(lower, rows, upper=False)
+        basis = rows.transpose(1, 2)  # (B, d, L)
+        if failed.any():
+            basis[failed] = torch.linalg.qr(centered[failed].transpose(1, 2)).Q
+        basis = basis.to(work)
+        kept = basis.to(torch.float64)
+        # Checked on the basis as kept: its distance from orthonormality, and each value's distance to its span
+        # (at most the distance to the point Q Q^T u of the span).
+        gram = kept.transpose(1, 2) @ kept - torch.eye(tokens, dtype=torch.float64, device=kept.device)
+        deviation = torch.linalg.matrix_norm(gram).clamp(max=0.5)  # Frobenius >= spectral; 0.5: no use, see below
+        scale = torch.where(deviation < 0.5, 1 / torch.sqrt(1 - deviation), torch.inf)
+        residual = (centered - (centered @ kept) @ kept.transpose(1, 2)).norm(dim=-1)  # (B, L)
+        largest = exact.norm(dim=-1).amax(dim=1)  # (B,): |x| <= max_j |U_j| for the weighted sum x
+        # Rounding of the context off the span: each entry of x = sum_j a_j U_j computed from rounded inputs (the
+        # fused kernel's TF32x3 products, or torch's float32 matmul precision) with float32 accumulation over L
+        # terms, then the centring's subtraction; half precision under autocast rounds the product's output too.
+        unit = torch.finfo(work).eps / 2
+        inputs = max(_product_rounding(work, value.device), 2.0**-21 if work == torch.float32 else unit)
+        rounding = 2 * (inputs + _output_rounding(value.device) + (tokens + 2) * unit)
+        # (times the weights' sum, 1 up to their rounding: at most 1.05 even for half-precision weights)
+        outside = 1.05 * (residual.amax(dim=1) + (1e-12 + rounding) * largest)
+        to = {"device": value.device, "dtype": work}
+        return {"basis": basis.to(value.device), "scale": scale.to(**to), "outside": outside.to(**to)}
+
+    def global_to_local_bounds(
+        self, entity: dict[str, torch.Tensor], span: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        `(center, radius)` in float32 (float64 for a float64 index), such that `g2l[b, e]` lies in
+        `center[e] +- radius[b, e]`: `center` (E,), `radius` (E,) for every mention, or (B, E) for the B mentions of
+        `span` (`mention_span`), tighter.
+
+        The context is `LN(x) = gamma * n + beta` with `n = (x - mean(x)) / sqrt(var(x) + eps)`, whose entries sum to
+        0 and whose norm is below sqrt(d); so `<c, LN(x)> = <c, beta> + <w, n>` with `w = c * gamma - mean(c *
+        gamma)`, and Cauchy-Schwarz bounds the second term by `sqrt(d) |w|` whatever x is (a context along w attains
+        it). With a mention's span: n is along the centred context, which lies in the span of the mention's centred
+        values, so `|<w, n>| <= sqrt(d) |P w|`, P the projection onto that span; a context `outside` the span by t
+        moves `<w, n>` by at most `2 |w| t / sqrt(eps)` (the gradient of `<w, n>` in x is at most `2 |w| / sqrt(eps)`
+        long). The smaller of the two bounds is taken.
         """
         dtype = torch.promote_types(entity["global"].dtype, torch.float32)  # float64 stays float64
         entity_global = entity["global"].to(dtype)
         gamma, beta = self.context_norm.weight.to(dtype), self.context_norm.bias.to(dtype)
         scaled = entity_global * gamma
-        scaled = scaled - scaled.mean(dim=-1, keepdim=True)
-        return entity_global @ beta, scaled.norm(dim=-1) * math.sqrt(entity_global.shape[-1])
+        scaled = scaled - scaled.mean(dim=-1, keepdim=True)  # w, (E, d)
+        size = scaled.norm(dim=-1)  # |w|
+        d = entity_global.shape[-1]
+        center, radius = entity_global @ beta, size * math.sqrt(d)
+        if span is None:  # (also the mention_span of a block with as many tokens as channels)
+            return center, radius
+        basis = span["basis"].to(dtype)  # (B, d, r)
+        num_mentions, _, rank = basis.shape
+        # |Q^T w| for every (mention, entity) pair, in one product (E, d) x (d, B * r)
+        coordinates = scaled @ basis.transpose(0, 1).reshape(d, num_mentions * rank)
+        projected = torch.linalg.vector_norm(coordinates.view(-1, num_mentions, rank), dim=-1).T  # (B, E)
+        # that product's rounding bounds the error of |Q^T w| by |w| * this
+        unit = torch.finfo(dtype).eps / 2
+        error = math.sqrt(rank) * ((d + 2) * unit + 2 * _product_rounding(dtype, basis.device))
+        scale = span["scale"].to(dtype)  # inf: a basis too far from orthonormal to use (then the radius for all)
+        usable = torch.isfinite(scale)
+        within = (projected + error * size[None, :]) * (math.sqrt(d) * torch.where(usable, scale, 1.0)[:, None])
+        off_span = (2 / math.sqrt(self.context_norm.eps)) * span["outside"].to(dtype)[:, None] * size[None, :]
+        # (the norm's and these sums' own rounding: a relative 2 (r + 8) units)
+        tighter = within.add_(off_span).mul_(1 + 2 * (rank + 8) * unit)
+        return center, torch.where(usable[:, None], torch.minimum(tighter, radius[None, :]), radius[None, :])
+
+
+def _product_rounding(dtype: torch.dtype, device: torch.device) -> float:
+    """
+    A bound on the relative rounding of the inputs of a torch matmul in `dtype` on `device`: none for float64 and,
+    by default, for float32; with `torch.set_float32_matmul_precision("high")` float32 products may take TF32
+    inputs, with "medium" bfloat16 ones; under autocast to half precision, half-precision inputs.
+    """
+    if _output_rounding(device):
+        return 2.0**-8
+    if dtype != torch.float32:
+        return 0.0
+    return {"highest": 0.0, "high": 2.0**-11}.get(torch.get_float32_matmul_precision(), 2.0**-8)
+
+
+def _output_rounding(device: torch.device) -> float:
+    """Relative rounding of a matmul's output under autocast to half precision on `device` (0 outside autocast)."""
+    device_type = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    return 2.0**-8 if torch.is_autocast_enabled(device_type) else 0.0
 
 
 def _listed(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -274,11 +372,20 @@ def _listed(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return scores.gather(1, candidates.clamp(min=0))
 
 
-def _pair_dot(mention: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
+def _pair_dot(mention: torch.Tensor, entity: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
     """
     Dot products of mention vectors (B, D) with entity vectors: (E, D) -> every pair, (B, E); entity vectors
-    gathered per mention, (B, K, D) -> each mention with its own K candidates, (B, K).
+    gathered per mention, (B, K, D) -> each mention with its own K candidates, (B, K); (E, D) with `candidates`,
+    (B, K) rows of them (-1: none, a meaningless entry) -> (B, K), by gathering the K rows when that is less work
+    than every pair (K * D < E), else every pair, then picked. In at least float32: a half-precision index keeps
+    its vectors in half precision, not its scores (under autocast the product is still half precision).
     """
+    if candidates is not None:
+        rows = candidates.clamp(min=0)
+        if rows.shape[1] * entity.shape[1] < entity.shape[0]:
+            return _pair_dot(mention, entity[rows])
+        return _pair_dot(mention, entity).gather(1, rows)
+    mention, entity = _at_least_float32(mention), _at_least_float32(entity)
     if entity.dim() == 2:
         return mention @ entity.T
     return torch.bmm(entity, mention.unsqueeze(-1)).squeeze(-1)
@@ -549,9 +656,7 @@ class M3ELModel(M3ELPreTrainedModel):
             )
         if self.cross_modal_matching is not None:
             for name, vector in mentions["cross_modal"].items():
-                branch_logits[name] = _pair_dot(vector, entities["cross_modal"][name])
-                if candidates is not None:
-                    branch_logits[name] = _listed(branch_logits[name], candidates)
+                branch_logits[name] = _pair_dot(vector, entities["cross_modal"][name], candidates)
         logits = sum(branch_logits.values()) / len(branch_logits)
         return M3ELScores(
             logits=logits,
@@ -561,15 +666,27 @@ class M3ELModel(M3ELPreTrainedModel):
             image_to_text_logits=branch_logits.get("image_to_text"),
         )
 
-    def score_bounds(self, mentions: dict, entities: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def mention_spans(self, mentions: dict) -> dict[str, dict[str, torch.Tensor]]:
+        """`M3ELIntraModalMatching.mention_span` of each intra-modal block, for `score_bounds` (once per batch)."""
+        return {
+            name: block.mention_span(mentions[name])
+            for name, block in (("text", self.text_matching), ("image", self.image_matching))
+            if block is not None
+        }
+
+    def score_bounds(
+        self, mentions: dict, entities: dict, spans: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Lower and upper bounds (B, E), float32 (float64 for a float64 index), of the final scores
-        `score_prepared(mentions, entities).logits`, at the cost of dot products of vectors: the parts of the score that are dot products (G2G, cross-modal) exactly,
-        each G2L part within the mention-independent interval of `global_to_local_bounds`. The bounds include a
-        margin for the rounding of either computation in the entity tensors' dtype, so an entity whose upper bound
-        is below a mention's score threshold cannot reach it when scored exactly (the exact ranker skips it).
+        `score_prepared(mentions, entities).logits`, at the cost of dot products of vectors: the parts of the score
+        that are dot products (G2G, cross-modal) exactly, each G2L part within the interval of
+        `global_to_local_bounds` for these mentions (`spans`: `mention_spans(mentions)`, computed here if not given;
+        pass it when bounding one batch against many entity chunks). The bounds include a margin for the rounding
+        of either computation in the entity tensors' dtype, so an entity whose upper bound is below a mention's
+        score threshold cannot reach it when scored exactly (the exact ranker skips it).
         """
-        dense, center, radius, magnitude = None, 0.0, 0.0, None
+        dense, center, radius, magnitude, g2l_size = None, 0.0, 0.0, None, 0.0
         num_branches = 0
         dtype = next(iter(next(iter(entities.values())).values())).dtype
         work = torch.promote_types(dtype, torch.float32)
@@ -583,24 +700,30 @@ class M3ELModel(M3ELPreTrainedModel):
             dense = product if dense is None else dense.add_(product)
             magnitude = size if magnitude is None else magnitude.add_(size)
 
+        if spans is None:
+            spans = self.mention_spans(mentions)
         for name, block in (("text", self.text_matching), ("image", self.image_matching)):
             if block is not None:
                 num_branches += 1
                 add(mentions[name]["embeds"], entities[name]["embeds"], 0.5)
-                block_center, block_radius = block.global_to_local_bounds(entities[name])
+                block_center, block_radius = block.global_to_local_bounds(entities[name], spans[name])
                 center, radius = center + block_center / 2, radius + block_radius / 2
+                # the rounding of the exact G2L score scales with its terms, within the mention-independent radius
+                g2l_size = g2l_size + (block_center.abs() + block.global_to_local_bounds(entities[name])[1]) / 2
         if self.cross_modal_matching is not None:
             for name, vector in mentions["cross_modal"].items():
                 num_branches += 1
                 add(vector, entities["cross_modal"][name], 1.0)
-        # Relative margin for rounding: generous next to float32's accumulated error over the widths here (<= 1e-5),
-        # a few units of the last place for half precision (where the exact scores themselves are that coarse).
-        relative = {torch.float64: 1e-12, torch.float32: 1e-4}.get(dtype, 8 * torch.finfo(dtype).eps)
+        # Relative margin for rounding: generous next to float32's accumulated error over the widths here (<= 1e-5);
+        # the scores of a half-precision index are computed in float32 from its half-precision tensors, so the same
+        # margin holds, unless torch's float32 products round their inputs (TF32, bfloat16) or autocast is on.
+        device = next(iter(next(iter(entities.values())).values())).device
+        relative = 1e-12 if work == torch.float64 else max(1e-4, 8 * _product_rounding(work, device))
         if torch.is_tensor(center):
-            magnitude.add_((center.abs() + radius)[None, :])
+            magnitude.add_(g2l_size[None, :])
             dense.add_(center[None, :])
         margin = magnitude.mul_(relative)
-        margin = margin.add_(radius[None, :]) if torch.is_tensor(radius) else margin
+        margin = margin.add_(radius) if torch.is_tensor(radius) else margin  # radius: (B, E)
         lower = (dense - margin).div_(num_branches)
         upper = dense.add_(margin).div_(num_branches)
         return lower, upper

@@ -60,6 +60,15 @@ SCRIPT = textwrap.dedent(
         torch.testing.assert_close(top[0], reference_top[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(top[1], reference_top[1])
         index.pruned_scoring = "grid"
+        # Listed candidates scored by the index (two-stage re-scoring): the kernel reads each candidate's rows in
+        # place; the dot-product parts gathered (one candidate: K * D < E) or picked from every pair (seven).
+        for count in (1, 7):
+            rows = torch.randint(0, 37, (5, count), generator=generator)
+            use("torch")
+            listed_reference = index.score_candidates(model, mentions, rows)
+            use("triton")
+            torch.testing.assert_close(index.score_candidates(model, mentions, rows), listed_reference, rtol=1e-5,
+                                       atol=1e-5)
 
         # The kernel alone: G2L of the text block, every pair, then a mask that skips some.
         block = model.text_matching
@@ -111,6 +120,26 @@ SCRIPT = textwrap.dedent(
         assert not fused_g2l_wanted(query)
         assert not fused_g2l_wanted(prepared_e["query"].detach().double())
         print("ok", mode)
+
+    # More channels than tokens (as at B/32 sizes): the pruned ranker's bounds for each mention are tighter than for
+    # any mention; they hold for the kernel's scores, float32 and bfloat16 (pruned ranks = every pair's, same kernel).
+    model = _model(processor, seed=2, matching_dim=64)
+    entities = _features(model, 37, generator)
+    gold = torch.randint(0, 37, (5,), generator=generator)
+    mentions = M3ELFeatures(**{k: entities[k][gold] + 3 * v for k, v in _features(model, 5, generator).items()})
+    ids = [f"E{i}" for i in range(37)]
+    index = EntityIndex.from_features(model, entities, ids)
+    gold_ids = [ids[g] for g in gold.tolist()]
+    use("torch")
+    reference_ranks = index.rank(model, mentions, gold_ids, prune=False)
+    use("triton")
+    assert torch.equal(index.rank(model, mentions, gold_ids), reference_ranks)
+    half = index.to(dtype=torch.bfloat16)
+    every_pair = half.rank(model, mentions, gold_ids, prune=False)
+    assert torch.equal(half.rank(model, mentions, gold_ids), every_pair)
+    half.pruned_scoring = "candidates"
+    assert torch.equal(half.rank(model, mentions, gold_ids), every_pair)
+    print("ok", "wide")
     """
 )
 
@@ -121,7 +150,7 @@ def test_fused_kernel_in_the_triton_interpreter(tmp_path):
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    assert completed.stdout.split() == ["ok", "text_to_image", "ok", "bidirectional"]
+    assert completed.stdout.split() == ["ok", "text_to_image", "ok", "bidirectional", "ok", "wide"]
 
 
 def test_kernel_switch_is_validated(monkeypatch):

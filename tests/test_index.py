@@ -195,6 +195,8 @@ def test_bfloat16_index_ranks_close_to_float32(processor, kb, mentions):
     with torch.no_grad():
         features = model.encode(**mentions)
     exact = index.scores(model, features)
-    fast = index.to(dtype=torch.bfloat16).scores(model, features)
-    assert fast.dtype == torch.bfloat16
-    torch.testing.assert_close(fast.float(), exact, rtol=0.05, atol=0.3)
+    half = index.to(dtype=torch.bfloat16)
+    fast = half.scores(model, features)
+    # bfloat16 tensors, float32 scores (the products of the attention are the tensors' own precision)
+    assert half.dtype == torch.bfloat16 and fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=0, atol=0.1)  # scores of 11-15: the tensors' rounding alone

@@ -77,13 +77,18 @@ def test_scores_of_listed_candidates_are_the_grid_scores(processor, overrides):
     prepared = index._on_index(model.prepare_mentions(mentions))
     entities = index._prepared(0, len(index))
     generator = torch.Generator().manual_seed(5)
-    candidates = torch.randint(-1, len(index), (NUM_MENTIONS, 17), generator=generator)
     with torch.no_grad():
         grid = model.score_prepared(prepared, entities).logits
-        listed = model.score_prepared(prepared, entities, candidates=candidates).logits
-    assert listed.shape == candidates.shape
-    present = candidates >= 0
-    torch.testing.assert_close(listed[present], grid.gather(1, candidates.clamp(min=0))[present], rtol=0, atol=0)
+    # the dot-product parts: gathered rows for few candidates (K * D < E), every pair then picked for many; the
+    # gathered products are batched, so they may differ from the grid's in the last bit
+    for count in (2, 17, 40):
+        candidates = torch.randint(-1, len(index), (NUM_MENTIONS, count), generator=generator)
+        with torch.no_grad():
+            listed = model.score_prepared(prepared, entities, candidates=candidates).logits
+        assert listed.shape == candidates.shape
+        present = candidates >= 0
+        expected = grid.gather(1, candidates.clamp(min=0))[present]
+        torch.testing.assert_close(listed[present], expected, rtol=1e-6, atol=1e-6 * float(grid.abs().max()))
 
 
 @pytest.mark.parametrize("g2l_scale", [1.0, 30.0])
@@ -103,6 +108,98 @@ def test_score_bounds_hold(processor, overrides, g2l_scale):
     else:
         # Only dot products of vectors: the bounds are the score, up to the rounding margin.
         assert (upper - lower).max() < 1e-3 * scores.std()
+
+
+WIDE = {"matching_dim": 64}  # more channels than tokens (40 text, 17 image), as at B/32 sizes (d 96; 40 and 50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("g2l_scale", [1.0, 30.0])
+def test_mention_dependent_g2l_bounds_hold_and_are_tighter(processor, dtype, g2l_scale):
+    """With fewer mention tokens than channels, a mention's centred contexts span fewer dimensions than d: the
+    bound of each (mention, entity) pair (the projection of the entity's vector on that span) holds for the scores
+    as computed, and is narrower than the bound for any mention."""
+    model = _model(processor, g2l_scale, dtype=torch.float64 if dtype == torch.float64 else torch.float32, **WIDE)
+    index, mentions, gold = _kb_and_mentions(model)
+    index = index.to(dtype=dtype)
+    with torch.no_grad():
+        prepared = index._on_index(model.prepare_mentions(mentions))
+        entities = index._prepared(0, len(index))
+        spans = model.mention_spans(prepared)
+        assert spans["text"]["basis"].shape == (NUM_MENTIONS, 64, 40)
+        assert spans["image"]["basis"].shape == (NUM_MENTIONS, 64, 17)
+        for name, block in (("text", model.text_matching), ("image", model.image_matching)):
+            g2l = block.global_to_local(prepared[name], entities[name]).double()
+            center, radius = block.global_to_local_bounds(entities[name], spans[name])
+            _, any_mention = block.global_to_local_bounds(entities[name])
+            assert radius.shape == g2l.shape and any_mention.shape == center.shape
+            assert ((g2l - center[None, :]).abs() <= radius).all(), name
+            assert (radius <= any_mention[None, :]).all()
+            # sqrt(tokens / d) of the mention-independent radius, about: 0.79 for text, 0.52 for image
+            assert (radius / any_mention[None, :]).mean() < (0.85 if name == "text" else 0.6), name
+        scores = index.scores(model, mentions)
+        lower, upper = model.score_bounds(prepared, entities, spans)
+        assert (lower <= scores).all() and (scores <= upper).all()
+        loose_lower, loose_upper = model.score_bounds(prepared, entities, {k: None for k in spans})
+        assert ((upper - lower) <= (loose_upper - loose_lower)).all()
+        assert (upper - lower).mean() < 0.8 * (loose_upper - loose_lower).mean()
+    # and the pruned ranker, which uses them, still ranks exactly as scoring every pair
+    stats = {}
+    assert torch.equal(index.rank(model, mentions, gold, stats=stats), index.rank(model, mentions, gold, prune=False))
+
+
+def test_mention_span_of_linearly_dependent_values(processor):
+    """Repeated tokens (padding, say) make a mention's values linearly dependent: its basis then comes from
+    Householder QR instead of Cholesky QR, and still spans its values; the bounds hold."""
+    model = _model(processor, **WIDE)
+    index, mentions, gold = _kb_and_mentions(model)
+    tokens = mentions.text_tokens.clone()
+    tokens[0] = tokens[0, :1]  # one token, 40 times
+    tokens[1, 20:] = tokens[1, 19:20]  # the last 21 tokens the same
+    mentions = M3ELFeatures(**{**mentions, "text_tokens": tokens})
+    with torch.no_grad():
+        prepared = index._on_index(model.prepare_mentions(mentions))
+        span = model.text_matching.mention_span(prepared["text"])
+        basis = span["basis"].double()
+        assert torch.isfinite(span["scale"]).all() and span["scale"].max() < 1 + 1e-5
+        values = prepared["text"]["value"].double()
+        centered = values - values.mean(dim=-1, keepdim=True)
+        outside = (centered - (centered @ basis) @ basis.transpose(1, 2)).norm(dim=-1).amax(dim=1)
+        assert (outside <= 1e-5 * centered.norm(dim=-1).amax(dim=1)).all()
+        entities = index._prepared(0, len(index))
+        g2l = model.text_matching.global_to_local(prepared["text"], entities["text"])
+        center, radius = model.text_matching.global_to_local_bounds(entities["text"], span)
+        assert ((g2l - center[None, :]).abs() <= radius).all()
+    assert torch.equal(index.rank(model, mentions, gold), index.rank(model, mentions, gold, prune=False))
+
+
+@pytest.mark.parametrize("precision", ["highest", "high", "medium"])
+def test_mention_dependent_bounds_allow_for_cancelling_values(processor, precision):
+    """Values with a large common offset: the context's centring cancels most of its digits, and the rounding that
+    is left points off the span. The bounds allow for it (here by falling back to the bound for any mention), under
+    any float32 matmul precision."""
+    model = _model(processor, **WIDE)
+    with torch.no_grad():
+        model.text_matching.value.bias.add_(3e3)  # every channel of every text value: + 3,000
+        model.image_matching.value.bias.add_(3e3 * torch.linspace(1, 1.001, 64))
+    index, mentions, gold = _kb_and_mentions(model)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        with torch.no_grad():
+            prepared = index._on_index(model.prepare_mentions(mentions))
+            entities = index._prepared(0, len(index))
+            spans = model.mention_spans(prepared)
+            for name, block in (("text", model.text_matching), ("image", model.image_matching)):
+                g2l = block.global_to_local(prepared[name], entities[name])
+                center, radius = block.global_to_local_bounds(entities[name], spans[name])
+                assert ((g2l - center[None, :]).abs() <= radius).all(), name
+                # values of norm ~24,000: the rounding they allow for is wider than the projection saves
+                torch.testing.assert_close(radius, block.global_to_local_bounds(entities[name])[1].expand_as(radius))
+        pruned = index.rank(model, mentions, gold)
+        assert torch.equal(pruned, index.rank(model, mentions, gold, prune=False))
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def test_g2l_bound_is_the_cauchy_schwarz_bound_of_the_layer_norm(processor):
