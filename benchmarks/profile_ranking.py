@@ -77,7 +77,9 @@ def main(argv=None) -> int:
                         torch.cuda.synchronize(device)
                 times = device_times(prof, cuda)
                 fused_us = sum(total for key, total, _ in times if FUSED in key)
-                pairs = args.mentions * num_entities * (stats["scored"] / stats["pairs"] if name == "rank" else 1)
+                # rank: the pairs scored in full, plus those refined by one G2L block counted as half a pair
+                scored = (stats["scored"] + stats.get("refined", 0) / 2) / stats["pairs"] if name == "rank" else 1
+                pairs = args.mentions * num_entities * scored
                 row = {"entities": num_entities, "dtype": str(dtype).removeprefix("torch."), "call": name,
                        "wall_ms": 1000 * seconds, "fused_ms": fused_us / 1000, "pairs_scored": pairs,
                        "operations": [{"name": key, "ms": total / 1000, "calls": count}
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
                       f"fused kernel {row['fused_ms']:.1f} ms ({share})"
                       + (f", {row['fused_pairs_per_s']:.3g} pairs/s, {row['us_per_step_per_sm']:.2f} us per program "
                          "step per SM (every step of the grid counted)" if "fused_pairs_per_s" in row else "")
-                      + (f"; {100 * stats['scored'] / stats['pairs']:.1f}% of the pairs scored" if stats else "")
+                      + (f"; {100 * stats['scored'] / stats['pairs']:.1f}% of the pairs scored, "
+                         f"{100 * stats.get('refined', 0) / stats['pairs']:.1f}% refined by one G2L block" if stats
+                         else "")
                       + "\n")
                 print(markdown_table(["operation", "device ms" if cuda else "CPU ms (self)", "calls"],
                                      [[key[:70], f"{total / 1000:.2f}", count] for key, total, count in

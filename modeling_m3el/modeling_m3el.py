@@ -675,7 +675,7 @@ class M3ELModel(M3ELPreTrainedModel):
         }
 
     def score_bounds(
-        self, mentions: dict, entities: dict, spans: dict | None = None
+        self, mentions: dict, entities: dict, spans: dict | None = None, parts: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Lower and upper bounds (B, E), float32 (float64 for a float64 index), of the final scores
@@ -685,6 +685,10 @@ class M3ELModel(M3ELPreTrainedModel):
         pass it when bounding one batch against many entity chunks). The bounds include a margin for the rounding
         of either computation in the entity tensors' dtype, so an entity whose upper bound is below a mention's
         score threshold cannot reach it when scored exactly (the exact ranker skips it).
+
+        `parts`, a dict, receives each G2L block's `(center, radius)` by name and the number of branches under
+        "branches": a block's G2L part enters both bounds as `(center -+ radius) / (2 * branches)`, so once it is
+        known exactly (g), the bounds narrow by adding `(g - center +- radius) / (2 * branches)`.
         """
         dense, center, radius, magnitude, g2l_size = None, 0.0, 0.0, None, 0.0
         num_branches = 0
@@ -708,6 +712,8 @@ class M3ELModel(M3ELPreTrainedModel):
                 add(mentions[name]["embeds"], entities[name]["embeds"], 0.5)
                 block_center, block_radius = block.global_to_local_bounds(entities[name], spans[name])
                 center, radius = center + block_center / 2, radius + block_radius / 2
+                if parts is not None:
+                    parts[name] = (block_center, block_radius)
                 # the rounding of the exact G2L score scales with its terms, within the mention-independent radius
                 g2l_size = g2l_size + (block_center.abs() + block.global_to_local_bounds(entities[name])[1]) / 2
         if self.cross_modal_matching is not None:
@@ -726,6 +732,8 @@ class M3ELModel(M3ELPreTrainedModel):
         margin = margin.add_(radius) if torch.is_tensor(radius) else margin  # radius: (B, E)
         lower = (dense - margin).div_(num_branches)
         upper = dense.add_(margin).div_(num_branches)
+        if parts is not None:
+            parts["branches"] = num_branches
         return lower, upper
 
     def score_prepared_candidates(self, mentions: dict, candidates: dict) -> M3ELScores:

@@ -148,6 +148,34 @@ def test_mention_dependent_g2l_bounds_hold_and_are_tighter(processor, dtype, g2l
     assert torch.equal(index.rank(model, mentions, gold, stats=stats), index.rank(model, mentions, gold, prune=False))
 
 
+@pytest.mark.parametrize("overrides", [{}, {"cross_modal": "bidirectional"}, {"use_image_matching": False}])
+def test_refined_bounds_score_fewer_pairs_with_the_same_results(processor, monkeypatch, overrides):
+    """One G2L block computed exactly for the undecided pairs narrows their bounds: far fewer pairs are scored in
+    full, and `rank` and `topk` return what they return without it and what scoring every pair gives. With a
+    single G2L block there is nothing to refine."""
+    model = _model(processor, **WIDE, **overrides)
+    index, mentions, gold = _kb_and_mentions(model, noise=3.0)
+    results = {}
+    for refine in (False, True):
+        monkeypatch.setattr(EntityIndex, "refine_bounds", refine)
+        rank_stats, topk_stats = {}, {}
+        ranks = index.rank(model, mentions, gold, chunk_size=100, stats=rank_stats)
+        values, rows, _ = index.topk(model, mentions, k=3, chunk_size=100, stats=topk_stats)
+        results[refine] = ranks, values, rows, rank_stats, topk_stats
+    full_ranks = index.rank(model, mentions, gold, prune=False)
+    full_values, full_rows, _ = index.topk(model, mentions, k=3, prune=False)
+    for ranks, values, rows, _, _ in results.values():
+        assert torch.equal(ranks, full_ranks) and torch.equal(rows, full_rows)
+        torch.testing.assert_close(values, full_values, rtol=1e-5, atol=1e-5)
+    plain, refined = results[False], results[True]
+    assert plain[3]["refined"] == plain[4]["refined"] == 0
+    if overrides.get("use_image_matching", True):
+        for before, after in ((plain[3], refined[3]), (plain[4], refined[4])):
+            assert after["refined"] > 0 and after["scored"] < 0.7 * before["scored"]
+    else:
+        assert refined[3] == plain[3] and refined[4] == plain[4]
+
+
 def test_mention_span_of_linearly_dependent_values(processor):
     """Repeated tokens (padding, say) make a mention's values linearly dependent: its basis then comes from
     Householder QR instead of Cholesky QR, and still spans its values; the bounds hold."""
