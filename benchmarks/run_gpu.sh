@@ -13,7 +13,8 @@
 #      (the authors' bf16 setting) and with torch.compile
 # `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 5 minutes (BUDGET_S default 340):
 # its check and launch variants, a profile of the ranker's calls, then exact ranking (the pruned pairs by the grid
-# kernel and by the candidates kernel) and two-stage retrieval with the fastest launches that agree.
+# kernel and by the candidates kernel; without refined bounds) and two-stage retrieval with the fastest launches
+# that agree.
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
@@ -76,6 +77,9 @@ if [ "${1:-all}" = kernel ]; then
   # the same with the pruned ranker's undecided pairs scored through the candidates kernel (each mention's list)
   bench bench_exact_ranking exact_ranking_110k_candidates 70 --model b32 --sizes 109976 --mentions 256 \
     --naive-mentions 10 --pruned-scoring candidates "${launch[@]}"
+  # and without the refinement of the undecided pairs' bounds (one G2L block first), to see what it saves here
+  bench bench_exact_ranking exact_ranking_110k_unrefined 50 --model b32 --sizes 109976 --mentions 256 \
+    --naive-mentions 10 --no-refine "${launch[@]}"
   bench bench_two_stage two_stage_1m 60 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
     --index-dtype bfloat16 "${launch[@]}"
   bench bench_two_stage two_stage_100k 40 --model b32 --sizes 100000 --backends torch --k 0.1%,1%,2% \
