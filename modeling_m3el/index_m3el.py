@@ -505,69 +505,54 @@ class EntityIndex:
         return query is not None and fused_g2l_wanted(query)
 
     def _score_needed(
-        self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor, memory_budget_bytes: int
+        self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor, memory_budget_bytes: int,
+        block: str | None = None,
     ):
         """
         Exact scores of the pairs where `needed` (B, stop - start) is set, through the fused kernel, which skips the
-        other pairs of the grid: (mention rows, entity rows, scores), in `needed`'s row-major order. Should the
-        kernel fail, it is turned off (one warning) and the grid is scored by PyTorch in pieces within the budget.
+        other pairs of the grid (or, with `pruned_scoring = "candidates"`, takes each mention's list): (mention rows,
+        entity rows, scores), in `needed`'s row-major order. With `block` ("text" or "image"), that block's G2L part
+        of the score instead. Without the kernel (or should it fail: it is then turned off, with one warning), the
+        grid is scored by PyTorch in pieces within the budget, or a block's part pair by pair, gathered.
         """
         if self.pruned_scoring not in ("grid", "candidates"):
             raise ValueError(f"pruned_scoring must be 'grid' or 'candidates', got {self.pruned_scoring!r}")
         rows, columns = needed.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return rows, columns + start, torch.zeros(0, dtype=torch.float32, device=self.device)
+        if block is None:
+            def score(entities, **which):
+                return model.score_prepared(mentions, entities, **which).logits
+        else:
+            matching = getattr(model, f"{block}_matching")
+
+            def score(entities, **which):
+                return matching.global_to_local(mentions[block], entities[block], **which)
         if self._fused():  # (no longer, once the kernel has failed in an earlier chunk)
             try:
                 with strict_kernel():
+                    entities = self._prepared(start, stop)
                     if self.pruned_scoring == "candidates":  # each mention's needed entities, in one row
                         order, sorted_rows, counts, slots = _group_by_mention(rows, needed.shape[0])
                         candidates = torch.full((needed.shape[0], int(counts.max())), -1, device=self.device)
                         candidates[sorted_rows, slots] = columns[order]
-                        logits = model.score_prepared(mentions, self._prepared(start, stop), candidates=candidates)
                         scores = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
-                        scores[order] = logits.logits[sorted_rows, slots].float()
+                        scores[order] = score(entities, candidates=candidates)[sorted_rows, slots].float()
                         return rows, columns + start, scores
-                    logits = model.score_prepared(mentions, self._prepared(start, stop), needed=needed).logits
-                return rows, columns + start, logits[rows, columns].float()
+                    return rows, columns + start, score(entities, needed=needed)[rows, columns].float()
             except FusedKernelError as error:
                 record_failure(error)
+        if block is not None:
+            return rows, columns + start, self._score_pairs(
+                model, mentions, rows, columns + start, memory_budget_bytes, block=block
+            )
         step = self.chunk_size_for(needed.shape[0], memory_budget_bytes)
         scores = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
         for first in range(0, stop - start, step):
             inside = (columns >= first) & (columns < first + step)
-            logits = model.score_prepared(mentions, self._prepared(start + first, min(start + first + step, stop)))
-            scores[inside] = logits.logits[rows[inside], columns[inside] - first].float()
+            logits = score(self._prepared(start + first, min(start + first + step, stop)))
+            scores[inside] = logits[rows[inside], columns[inside] - first].float()
         return rows, columns + start, scores
-
-    def _exact_g2l(
-        self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor, block: str,
-        memory_budget_bytes: int,
-    ) -> torch.Tensor:
-        """
-        The G2L part of `block` ("text" or "image") of the pairs where `needed` (B, stop - start) is set, float32, in
-        `needed`'s row-major order: through the fused kernel as `pruned_scoring` says, else (or should it fail)
-        gathered pair by pair.
-        """
-        rows, columns = needed.nonzero(as_tuple=True)
-        matching = getattr(model, f"{block}_matching")
-        if self._fused() and rows.numel():
-            try:
-                with strict_kernel():
-                    entities = self._prepared(start, stop)[block]
-                    if self.pruned_scoring == "candidates":
-                        order, sorted_rows, counts, slots = _group_by_mention(rows, needed.shape[0])
-                        candidates = torch.full((needed.shape[0], int(counts.max())), -1, device=self.device)
-                        candidates[sorted_rows, slots] = columns[order]
-                        listed = matching.global_to_local(mentions[block], entities, candidates=candidates)
-                        values = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
-                        values[order] = listed[sorted_rows, slots].float()
-                        return values
-                    grid = matching.global_to_local(mentions[block], entities, needed=needed)
-                    return grid[rows, columns].float()
-            except FusedKernelError as error:
-                record_failure(error)
-        return self._score_pairs(model, mentions, rows, columns + start, memory_budget_bytes, block=block)
 
     def _refine(
         self, model: M3ELModel, mentions: dict, start: int, stop: int, parts: dict, pairs: torch.Tensor,
@@ -592,7 +577,8 @@ class EntityIndex:
             return self.tensors[f"{name}.query"].shape[1] ** 2
 
         block = max(blocks, key=lambda name: float(radius_of(name).mean()) / work(name))
-        exact = self._exact_g2l(model, mentions, start, stop, pairs, block, memory_budget_bytes).to(lower.dtype)
+        _, _, exact = self._score_needed(model, mentions, start, stop, pairs, memory_budget_bytes, block)
+        exact = exact.to(lower.dtype)
         center, radius = parts[block][0][columns], radius_of(block)
         scale = 2 * parts["branches"]
         lower[rows, columns] += (exact - center + radius) / scale
