@@ -567,19 +567,16 @@ class EntityIndex:
         blocks = [name for name in ("text", "image") if name in parts]
         if not self.refine_bounds or len(blocks) < 2 or not pairs.any():
             return lower, upper, 0
-        rows, columns = pairs.nonzero(as_tuple=True)
 
-        def radius_of(name):
+        def width_per_work(name):  # the block's radius summed over the pairs, per tokens x tokens
             radius = parts[name][1]
-            return radius[rows, columns] if radius.dim() == 2 else radius[columns]
+            return float((radius * pairs).sum()) / self.tensors[f"{name}.query"].shape[1] ** 2
 
-        def work(name):
-            return self.tensors[f"{name}.query"].shape[1] ** 2
-
-        block = max(blocks, key=lambda name: float(radius_of(name).mean()) / work(name))
-        _, _, exact = self._score_needed(model, mentions, start, stop, pairs, memory_budget_bytes, block)
-        exact = exact.to(lower.dtype)
-        center, radius = parts[block][0][columns], radius_of(block)
+        block = max(blocks, key=width_per_work)
+        rows, columns, exact = self._score_needed(model, mentions, start, stop, pairs, memory_budget_bytes, block)
+        columns, exact = columns - start, exact.to(lower.dtype)
+        radius = parts[block][1]
+        center, radius = parts[block][0][columns], radius[rows, columns] if radius.dim() == 2 else radius[columns]
         scale = 2 * parts["branches"]
         lower[rows, columns] += (exact - center + radius) / scale
         upper[rows, columns] += (exact - center - radius) / scale
