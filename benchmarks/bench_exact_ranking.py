@@ -234,6 +234,10 @@ def run(args) -> dict:
             "ranks_differing": int((compared != naive).sum()),
             "scored_fraction": stats["scored"] / stats["pairs"],
             "refined_fraction": stats.get("refined", 0) / stats["pairs"],
+            # the fused kernels' program steps for the pairs left after the bounds (the refined block's included),
+            # counted whichever path ran, against the steps of scoring every pair
+            "steps_candidates_fraction": stats["steps_candidates"] / stats["steps_every_pair"],
+            "steps_grid_fraction": stats["steps_grid"] / stats["steps_every_pair"],
             "full_mentions": args.full_mentions,
             "full_mentions_per_s": args.full_mentions / full_seconds,
             "full_speedup": (args.full_mentions / full_seconds) / (args.naive_mentions / naive_seconds),
@@ -261,12 +265,17 @@ def fast_mode(args, index, model, mentions_host, gold_ids, exact, device, row) -
     """The same ranking from a copy of the index in `args.fast_dtype` (the model stays float32)."""
     fast_index = index.to(dtype=getattr(torch, args.fast_dtype))
     exact_ranks(fast_index, model, _head(mentions_host, 2), gold_ids[:2], device, args.exact_batch, args.memory_budget)
+    stats = {}
     fast, fast_seconds = best_of(
-        lambda: exact_ranks(fast_index, model, mentions_host, gold_ids, device, args.exact_batch, args.memory_budget),
+        lambda: exact_ranks(fast_index, model, mentions_host, gold_ids, device, args.exact_batch, args.memory_budget,
+                            stats=stats),
         device,
         args.repeat,
     )
     return {
+        # (the fast dtype's tiles hold more entities: more pairs a step)
+        "fast_steps_candidates_fraction": stats["steps_candidates"] / stats["steps_every_pair"],
+        "fast_steps_grid_fraction": stats["steps_grid"] / stats["steps_every_pair"],
         "fast_dtype": args.fast_dtype,
         "fast_mentions_per_s": args.mentions / fast_seconds,
         "fast_speedup": (args.mentions / fast_seconds) / row["naive_mentions_per_s"],
@@ -288,10 +297,12 @@ def table(payload: dict) -> str:
         f"exact fp32, every pair scored: mentions/s ({args['full_mentions']} mentions; speed-up)",
         f"exact fp32, pruned: mentions/s ({args['mentions']} mentions)", "speed-up",
         "pairs scored exactly (+ one G2L block alone)",
+        "kernel steps after the bounds, candidates / masked grid (of every pair's)",
         "fp32 ranks identical to naive (full; pruned)",
     ]
     if fast:
-        header += [f"{args['fast_dtype']} mentions/s (speed-up; same rank as fp32)", "MRR fp32 / fast"]
+        header += [f"{args['fast_dtype']} mentions/s (speed-up; same rank as fp32; kernel steps, candidates / grid)",
+                   "MRR fp32 / fast"]
     else:
         header += ["MRR fp32"]
     header += ["index fp32" + (" / fast" if fast else ""), "naive host features (fp32)"]
@@ -304,6 +315,7 @@ def table(payload: dict) -> str:
             f"{r['exact_mentions_per_s']:,.1f}",
             f"**{r['speedup']:.1f}x**",
             f"{100 * r['scored_fraction']:.2f}% (+{100 * r.get('refined_fraction', 0):.2f}%)",
+            f"{100 * r['steps_candidates_fraction']:.2f}% / {100 * r['steps_grid_fraction']:.2f}%",
             ("yes" if r["full_ranks_identical"] else "NO")
             + "; "
             + ("yes" if r["ranks_identical"] else f"NO ({r['ranks_differing']} differ)"),
@@ -312,7 +324,8 @@ def table(payload: dict) -> str:
             row += [f"failed: {r['fast_error'][:80]}", f"{r['mrr_float32']:.4f} / -", f"{gib(r['index_bytes'])} / -"]
         elif fast:
             row += [
-                f"{r['fast_mentions_per_s']:,.1f} ({r['fast_speedup']:.1f}x; {100 * r['fast_same_rank']:.1f}%)",
+                f"{r['fast_mentions_per_s']:,.1f} ({r['fast_speedup']:.1f}x; {100 * r['fast_same_rank']:.1f}%; "
+                f"{100 * r['fast_steps_candidates_fraction']:.2f}% / {100 * r['fast_steps_grid_fraction']:.2f}%)",
                 f"{r['mrr_float32']:.4f} / {r['mrr_fast']:.4f}",
                 f"{gib(r['index_bytes'])} / {gib(r['fast_index_bytes'])}",
             ]

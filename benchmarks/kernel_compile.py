@@ -61,6 +61,8 @@ def signature(kernel, dtype: torch.dtype, has_mask: bool, constants: dict) -> tu
             types[name] = "*i8" if has_mask else "*fp32"  # without a mask the launch passes the output
         elif name == "candidates_ptr":
             types[name] = "*i64"
+        elif name in ("item_mention_ptr", "item_first_ptr", "extent_ptr"):
+            types[name] = "*i32"  # the work list, `kernels_m3el.candidate_programs`
         elif name.endswith("_ptr"):
             types[name] = "*fp32"
         elif name.startswith("num_"):

@@ -12,8 +12,8 @@
 #   6. extras: the exact ranker with PyTorch's G2L instead of the kernel; the training step with bf16 autocast alone
 #      (the authors' bf16 setting) and with torch.compile
 # `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 5-6 minutes (BUDGET_S default 380):
-# its check and launch variants, a profile of the ranker's calls, then exact ranking (the pruned pairs by the grid
-# kernel and by the candidates kernel; without refined bounds) and two-stage retrieval with the fastest launches
+# its check and launch variants, a profile of the ranker's calls, then exact ranking (the pruned pairs by the
+# candidates kernel and by the masked grid; without refined bounds) and two-stage retrieval with the fastest launches
 # that agree.
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
@@ -74,9 +74,10 @@ if [ "${1:-all}" = kernel ]; then
   bench profile_ranking ranking_profile 50 --model b32 --sizes 32768 --mentions 128 "${launch[@]}"
   bench bench_exact_ranking exact_ranking_110k 90 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
     "${launch[@]}"
-  # the same with the pruned ranker's undecided pairs scored through the candidates kernel (each mention's list)
-  bench bench_exact_ranking exact_ranking_110k_candidates 70 --model b32 --sizes 109976 --mentions 256 \
-    --naive-mentions 10 --pruned-scoring candidates "${launch[@]}"
+  # the same with the pruned ranker's undecided pairs scored through the masked grid (the default: the candidates
+  # kernel, each mention's list)
+  bench bench_exact_ranking exact_ranking_110k_grid 70 --model b32 --sizes 109976 --mentions 256 \
+    --naive-mentions 10 --pruned-scoring grid "${launch[@]}"
   # and without the refinement of the undecided pairs' bounds (one G2L block first), to see what it saves here
   bench bench_exact_ranking exact_ranking_110k_unrefined 50 --model b32 --sizes 109976 --mentions 256 \
     --naive-mentions 10 --no-refine "${launch[@]}"

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .kernels_m3el import FusedKernelError, fused_g2l_wanted, record_failure
+from .kernels_m3el import FusedKernelError, entities_per_step, fused_g2l_wanted, record_failure
 from .kernels_m3el import strict as strict_kernel
 from .modeling_m3el import M3ELFeatures, M3ELModel
 
@@ -31,21 +31,65 @@ class StaleIndexError(ValueError):
     """The index was built with another model (weights or config) than the one asked to rank with it."""
 
 
+def _fingerprint_snapshot(model: M3ELModel) -> tuple[bytes, list[tuple[bytes, object]]]:
+    """
+    What `model_fingerprint` hashes, copied to host memory: the config's JSON and, by name, each weight's bytes
+    (floating-point weights rounded to bfloat16). The floating-point weights are rounded and joined on their own
+    device and copied to the host in one transfer (not one synchronising copy per tensor).
+    """
+    config = json.dumps(_scoring_config(model.config.to_dict()), sort_keys=True, default=str).encode()
+    named = sorted(model.state_dict().items())
+    floating = [t.detach() for _, t in named if t.is_floating_point()]
+    device = floating[0].device if floating else "cpu"
+    flat = torch.empty(sum(t.numel() for t in floating), dtype=torch.bfloat16, device=device)
+    offset = 0
+    for tensor in floating:  # rounded to bfloat16 as they are copied in (round to nearest even, as `.to`)
+        flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+        offset += tensor.numel()
+    flat = flat.view(torch.int16).cpu().numpy()
+    parts, offset = [], 0
+    for name, tensor in named:
+        if tensor.is_floating_point():
+            data = flat[offset : offset + tensor.numel()]  # a view: hashed in place
+            offset += tensor.numel()
+        else:
+            data = tensor.detach().cpu().contiguous().numpy()
+        parts.append((name.encode(), data))
+    return config, parts
+
+
+def _hash_snapshot(snapshot: tuple[bytes, list[tuple[bytes, object]]]) -> str:
+    config, parts = snapshot
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(config)
+    for name, data in parts:
+        digest.update(name)
+        digest.update(data)  # numpy arrays hash by their buffer, without a copy (and without the GIL)
+    return digest.hexdigest()
+
+
 def model_fingerprint(model: M3ELModel) -> str:
     """
     Hash of the model's config and weights. Weights are hashed after rounding to bfloat16, so the same checkpoint
     loaded in float32 or bfloat16 has one fingerprint, while any training step changes it. (Loaded in float16, a
     weight is rounded twice and may hash differently: rebuild the index, or load the model in bfloat16.)
     """
-    digest = hashlib.blake2b(digest_size=16)
-    config = _scoring_config(model.config.to_dict())
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        if tensor.is_floating_point():
-            tensor = tensor.detach().to(torch.bfloat16).view(torch.int16)
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return _hash_snapshot(_fingerprint_snapshot(model))
+
+
+class _BackgroundFingerprint:
+    """`model_fingerprint(model)`, its weights copied now and hashed in a thread while the caller encodes a KB (the
+    hash, about half a second at B/32 size, runs beside the GPU's work); `result()` waits for it."""
+
+    def __init__(self, model: M3ELModel):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3el-fingerprint")
+        self._future = self._executor.submit(_hash_snapshot, _fingerprint_snapshot(model))
+        self._executor.shutdown(wait=False)
+
+    def result(self) -> str:
+        return self._future.result()
 
 
 def _add_prepared(parts: dict[str, list[torch.Tensor]], model: M3ELModel, features: M3ELFeatures, **to) -> None:
@@ -78,12 +122,13 @@ class EntityIndex:
     with `scores`, `rank` or `topk`.
     """
 
-    # How the pruned `rank` and `topk` score their undecided pairs through the fused kernel (CUDA): "grid", the
-    # kernel's (mention, entity) grid with a mask of the pairs needed (a program step covers 5-6 entities and runs
-    # when any of them is needed; measured on an H200, benchmarks/README.md), or "candidates", each mention's list
-    # of needed entities (a step covers 5-6 of that mention's needed entities: no step for pairs not needed; checked
-    # in Triton's interpreter, not yet timed on a GPU).
-    pruned_scoring = "grid"
+    # How the pruned `rank` and `topk` score their undecided pairs through the fused kernel (CUDA): "candidates",
+    # each mention's list of needed entities (a program step covers 2-6 of that mention's needed entities: no step
+    # for pairs not needed), or "grid", the kernel's (mention, entity) grid with a mask of the pairs needed (a step
+    # covers 2-6 consecutive entities and runs when any of them is needed). Counted on random B/32 weights, the
+    # candidates kernel runs 3-4 times fewer steps (benchmarks/README.md, "Program steps"); the grid was timed on an
+    # H200, the candidates kernel not yet. Same results either way.
+    pruned_scoring = "candidates"
     # Whether the pruned `rank` and `topk` narrow the bounds of their undecided pairs by computing one G2L block's
     # part exactly first (the block with the widest interval per unit of work), before scoring in full the pairs
     # still undecided. Same results either way; off only to measure what it saves.
@@ -160,12 +205,13 @@ class EntityIndex:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         num_entities = features.text_embeds.shape[0]
         step = batch_size or max(num_entities, 1)
+        fingerprint = _BackgroundFingerprint(model)
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, num_entities, step):
             batch = M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()})
             _add_prepared(parts, model, batch, device=device, dtype=dtype)
         tensors = {name: torch.cat(pieces) if len(pieces) > 1 else pieces[0] for name, pieces in parts.items()}
-        return cls(tensors, entity_ids, model_fingerprint(model))
+        return cls(tensors, entity_ids, fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -190,6 +236,7 @@ class EntityIndex:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
         model_device = model.device
+        fingerprint = _BackgroundFingerprint(model)
         parts: dict[str, list[torch.Tensor]] = {}
         batches = range(0, len(entity_ids), batch_size)
         if progress:
@@ -200,7 +247,7 @@ class EntityIndex:
             batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
             _add_prepared(parts, model, model.encode(**batch, side="entity"), device=device, dtype=dtype)
         tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
-        return cls(tensors, [str(e) for e in entity_ids], model_fingerprint(model))
+        return cls(tensors, [str(e) for e in entity_ids], fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -230,6 +277,7 @@ class EntityIndex:
         model_device = model.device
         device = torch.device(device) if device is not None else model_device
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        fingerprint = _BackgroundFingerprint(model)
         share = -(-len(entities) // world)
         local = entities[rank * share : (rank + 1) * share]
         parts: dict[str, list[torch.Tensor]] = {}
@@ -254,7 +302,7 @@ class EntityIndex:
         if world > 1:
             tensors = {name: gather_shares(accelerator, t, share, len(entities)) for name, t in tensors.items()}
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return cls(tensors, [str(e["id"]) for e in entities], model_fingerprint(model))
+        return cls(tensors, [str(e["id"]) for e in entities], fingerprint.result())
 
     # --------------------------------------------------------------------------------------------- save/load
 
@@ -504,16 +552,42 @@ class EntityIndex:
         query = next((self.tensors[k] for k in ("text.query", "image.query") if k in self.tensors), None)
         return query is not None and fused_g2l_wanted(query)
 
+    def _count_steps(self, stats: dict | None, needed: torch.Tensor, blocks: Sequence[str] | None = None):
+        """
+        Add to `stats` the fused kernels' program steps for scoring the pairs of `needed` (B, chunk) in the G2L
+        `blocks` (default: all, in full), whichever path scores them here: `steps_candidates` (each mention's list,
+        the candidates kernel) and `steps_grid` (the masked grid: a step wherever one of its tile's entities is
+        needed); in full also `steps_every_pair`, the steps of scoring the chunk's every pair (the unmasked grid, as
+        `scores` does). A step is one mention against a tile of a few entities (`kernels_m3el.entities_per_step` of
+        this index's dtype), the unit of the kernels' work.
+        """
+        if stats is None:
+            return
+        num_mentions, width = needed.shape
+        per_mention = needed.sum(dim=1)
+        for name in blocks or [b for b in ("text", "image") if f"{b}.query" in self.tensors]:
+            tile = entities_per_step(self.tensors[f"{name}.query"].shape[1], self.dtype)
+            padded = torch.nn.functional.pad(needed, (0, -width % tile))
+            counts = {
+                "steps_candidates": int(((per_mention + tile - 1) // tile).sum()),
+                "steps_grid": int(padded.view(num_mentions, -1, tile).any(dim=2).sum()),
+            }
+            if blocks is None:
+                counts["steps_every_pair"] = num_mentions * -(-width // tile)
+            for key, value in counts.items():
+                stats[key] = stats.get(key, 0) + value
+
     def _score_needed(
         self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor, memory_budget_bytes: int,
         block: str | None = None,
     ):
         """
-        Exact scores of the pairs where `needed` (B, stop - start) is set, through the fused kernel, which skips the
-        other pairs of the grid (or, with `pruned_scoring = "candidates"`, takes each mention's list): (mention rows,
-        entity rows, scores), in `needed`'s row-major order. With `block` ("text" or "image"), that block's G2L part
-        of the score instead. Without the kernel (or should it fail: it is then turned off, with one warning), the
-        grid is scored by PyTorch in pieces within the budget, or a block's part pair by pair, gathered.
+        Exact scores of the pairs where `needed` (B, stop - start) is set, through the fused kernel, which takes
+        each mention's list of needed entities (or, with `pruned_scoring = "grid"`, skips the other pairs of the
+        grid): (mention rows, entity rows, scores), in `needed`'s row-major order. With `block` ("text" or
+        "image"), that block's G2L part of the score instead. Without the kernel (or should it fail: it is then
+        turned off, with one warning), the grid is scored by PyTorch in pieces within the budget, or a block's part
+        pair by pair, gathered.
         """
         if self.pruned_scoring not in ("grid", "candidates"):
             raise ValueError(f"pruned_scoring must be 'grid' or 'candidates', got {self.pruned_scoring!r}")
@@ -556,13 +630,13 @@ class EntityIndex:
 
     def _refine(
         self, model: M3ELModel, mentions: dict, start: int, stop: int, parts: dict, pairs: torch.Tensor,
-        lower: torch.Tensor, upper: torch.Tensor, memory_budget_bytes: int,
+        lower: torch.Tensor, upper: torch.Tensor, memory_budget_bytes: int, stats: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """
         Narrower bounds for the pairs in `pairs` (B, stop - start): one G2L block's part computed exactly (the block
         whose interval over these pairs is widest per unit of work, tokens x tokens), in place of its interval
         (`parts`, from `score_bounds`). Returns (lower, upper, pairs refined). Rounding: the exact score sums the
-        same parts in float32, within the bounds' margin.
+        same parts in float32, within the bounds' margin. `stats`: see `_count_steps` (the refined block's steps).
         """
         blocks = [name for name in ("text", "image") if name in parts]
         if not self.refine_bounds or len(blocks) < 2 or not pairs.any():
@@ -573,6 +647,7 @@ class EntityIndex:
             return float((radius * pairs).sum()) / self.tensors[f"{name}.query"].shape[1] ** 2
 
         block = max(blocks, key=width_per_work)
+        self._count_steps(stats, pairs, [block])
         rows, columns, exact = self._score_needed(model, mentions, start, stop, pairs, memory_budget_bytes, block)
         columns, exact = columns - start, exact.to(lower.dtype)
         radius = parts[block][1]
@@ -623,8 +698,10 @@ class EntityIndex:
         exactly, every other entity gets cheap bounds (`M3ELModel.score_bounds`: the dot-product parts of the score
         exactly, the G2L parts within an interval that holds for any mention), and only the entities whose bounds
         straddle the gold's score are scored exactly. `prune=False` scores every entity (`scores`). `stats`, a dict,
-        receives `pairs` (mentions x entities), `scored` (pairs scored exactly, the gold pairs included) and `refined`
-        (pairs whose bounds were narrowed by one G2L block computed exactly; see `refine_bounds`).
+        receives `pairs` (mentions x entities), `scored` (pairs scored exactly, the gold pairs included), `refined`
+        (pairs whose bounds were narrowed by one G2L block computed exactly; see `refine_bounds`) and the fused
+        kernels' program steps for the pairs scored after the bounds, whichever path scored them: `steps_candidates`,
+        `steps_grid` (see `pruned_scoring`) and `steps_every_pair` (see `_count_steps`).
         """
         if len(gold_entity_ids) != mention_features.text_embeds.shape[0]:
             raise ValueError(f"{len(gold_entity_ids)} gold ids for {mention_features.text_embeds.shape[0]} mentions")
@@ -645,7 +722,7 @@ class EntityIndex:
         spans = model.mention_spans(mentions)
         pair_mentions, pair_entities, pair_scores = [], [], []
         final_gold = torch.empty_like(gold_scores)
-        refined = 0
+        refined, steps = 0, {} if stats is not None else None
         for start, stop in self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes):
             parts = {}
             lower, upper = model.score_bounds(mentions, self._prepared(start, stop), spans, parts)
@@ -654,13 +731,14 @@ class EntityIndex:
             undecided = (upper >= gold_scores[:, None]) & others & ~surely_above
             # one G2L block exactly for the undecided pairs: most of them are decided then
             lower, upper, count = self._refine(
-                model, mentions, start, stop, parts, undecided, lower, upper, memory_budget_bytes
+                model, mentions, start, stop, parts, undecided, lower, upper, memory_budget_bytes, steps
             )
             if count:
                 refined += count
                 surely_above |= undecided & (lower >= gold_scores[:, None])
                 undecided &= (upper >= gold_scores[:, None]) & ~surely_above
             above += surely_above.sum(dim=1)
+            self._count_steps(steps, undecided | ~others)
             if fused:  # the undecided pairs and the gold pairs of this chunk, through the kernel's grid
                 rows, entities, scores = self._score_needed(
                     model, mentions, start, stop, undecided | ~others, memory_budget_bytes
@@ -686,7 +764,7 @@ class EntityIndex:
         above.index_add_(0, pair_mentions, (scores >= gold_scores[pair_mentions]).long())
         if stats is not None:
             stats.update(pairs=num_mentions * len(self), scored=2 * num_mentions + pair_mentions.numel(),
-                         refined=refined)
+                         refined=refined, **steps)
         return above + 1
 
     @torch.no_grad()
@@ -739,17 +817,18 @@ class EntityIndex:
         # Pass 2: exactly score every entity whose upper bound reaches that score.
         fused = self._fused()
         pair_mentions, pair_entities, pair_scores = [], [], []
-        refined = 0
+        refined, steps = 0, {} if stats is not None else None
         for start, stop in chunks:
             parts = {}
             lower, upper = model.score_bounds(mentions, self._prepared(start, stop), spans, parts)
             candidates = upper >= threshold[:, None]
             lower, upper, count = self._refine(
-                model, mentions, start, stop, parts, candidates, lower, upper, memory_budget_bytes
+                model, mentions, start, stop, parts, candidates, lower, upper, memory_budget_bytes, steps
             )
             if count:
                 refined += count
                 candidates &= upper >= threshold[:, None]
+            self._count_steps(steps, candidates)
             if fused:
                 rows, entities, scores = self._score_needed(
                     model, mentions, start, stop, candidates, memory_budget_bytes
@@ -767,7 +846,7 @@ class EntityIndex:
             scores = self._score_pairs(model, mentions, pair_mentions, pair_entities, memory_budget_bytes)
         if stats is not None:
             stats.update(pairs=num_mentions * len(self), scored=everyone.numel() + pair_mentions.numel(),
-                         refined=refined)
+                         refined=refined, **steps)
         # Each mention's candidates into one row (padded with -inf), then the top k of every row.
         order, pair_mentions, counts, slots = _group_by_mention(pair_mentions, num_mentions)
         pair_entities, scores = pair_entities[order], scores[order]

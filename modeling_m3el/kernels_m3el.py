@@ -224,28 +224,31 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_candidates"])
     def _g2l_candidates_kernel(
-        query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, candidates_ptr, out_ptr,
-        num_candidates, eps,
+        query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, candidates_ptr, item_mention_ptr,
+        item_first_ptr, extent_ptr, out_ptr, num_candidates, eps,
         LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
         ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, STEPS: tl.constexpr,
         PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
-        # A program: one mention against STEPS tiles of its candidates (entity rows; -1 pads), BLOCK_E candidates a
-        # tile, their token rows gathered from the index (contiguous within an entity).
-        mention = tl.program_id(0).to(tl.int64)
-        first = tl.program_id(1).to(tl.int64) * (BLOCK_E * STEPS)
+        # A program: one work item (`candidate_programs`), a mention and up to STEPS tiles of its list of entity rows
+        # (-1: none) from `first`, BLOCK_E entries a tile, up to the list's extent (its last listed entity), so that
+        # the padding after it costs nothing; a tile that lists no entity is skipped. The listed entities' token rows
+        # are gathered from the index (contiguous within an entity).
+        item = tl.program_id(0)
+        mention = tl.load(item_mention_ptr + item).to(tl.int64)
+        first = tl.load(item_first_ptr + item).to(tl.int64)
+        stop = tl.minimum(first + BLOCK_E * STEPS, tl.load(extent_ptr + mention).to(tl.int64))
         rows, tokens, dims, slots = tl.arange(0, ROWS), tl.arange(0, LKP), tl.arange(0, DP), tl.arange(0, EP)
         in_d = dims < D
         row_slot = rows // LQ
         token_mask = (tokens[:, None] < LK) & in_d[None, :]
         listed = candidates_ptr + mention * num_candidates
-        for step in range(0, STEPS):
-            start = first + step * BLOCK_E
-            if start < num_candidates:
-                places = start + slots
-                entities = tl.load(listed + places, mask=(slots < BLOCK_E) & (places < num_candidates), other=-1)
-                slot_valid = entities >= 0
-                row_listed = (row_slot < BLOCK_E) & (start + row_slot < num_candidates)
+        for start in range(first, stop, BLOCK_E):
+            places = start + slots
+            entities = tl.load(listed + places, mask=(slots < BLOCK_E) & (places < stop), other=-1)
+            slot_valid = entities >= 0
+            if tl.max(slot_valid.to(tl.int32), axis=0) > 0:
+                row_listed = (row_slot < BLOCK_E) & (start + row_slot < stop)
                 row_entity = tl.load(listed + start + row_slot, mask=row_listed, other=-1)  # each row's entity
                 row_valid = row_entity >= 0
                 query = tl.load(
@@ -303,7 +306,15 @@ def try_fused_global_to_local(*args, **kwargs) -> torch.Tensor | None:
 
 
 def _padded(size: int) -> int:
-    return max(16, triton.next_power_of_2(size))
+    return max(16, 1 << (size - 1).bit_length())  # the next power of two, at least 16
+
+
+def entities_per_step(lq: int, dtype: torch.dtype) -> int:
+    """Entities a program step of either kernel covers (a tile: as many whole entities of `lq` token rows as fit
+    the launch's rows, `LAUNCH`), e.g. 6 of 40 text tokens or 5 of 50 image tokens in 256 rows (bf16), 3 or 2 in
+    128 (float32)."""
+    launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
+    return max(launch["rows"], _padded(lq)) // lq
 
 
 def launch_parameters(
@@ -315,7 +326,7 @@ def launch_parameters(
     launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
     lkp, dp = _padded(lk), _padded(d)
     rows = max(launch["rows"], _padded(lq))  # a program's query rows: as many whole entities as fit
-    block_entities = rows // lq
+    block_entities = entities_per_step(lq, dtype)
     precision = launch.get("precision", "")  # "": half precision, the tensor cores' own products
     constants = {
         "LQ": lq, "LK": lk, "D": d, "LKP": lkp, "DP": dp,
@@ -340,6 +351,25 @@ def candidate_launch_parameters(lq: int, lk: int, d: int, dtype: torch.dtype) ->
     return {**constants, "STEPS": CANDIDATE_STEPS}, options
 
 
+def candidate_programs(candidates: torch.Tensor, per_program: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The candidates kernel's work list for (B, K) lists of entity rows (-1: none): `(item_mention, item_first,
+    extent)`, int32. A list's extent is one past its last listed entry (0 for a list of none); each work item (a
+    program) takes one mention and `per_program` entries of its list from `item_first`, up to the extent, so that
+    the programs cover every listed entry once and none is launched for the padding after a list's last entry
+    (lists of very different lengths padded to the longest: the pruned ranker's undecided pairs per mention).
+    """
+    num_mentions, width = candidates.shape
+    positions = torch.arange(1, width + 1, device=candidates.device)
+    extent = torch.where(candidates >= 0, positions, 0).amax(dim=1)  # (B,)
+    programs = (extent + per_program - 1) // per_program
+    item_mention = torch.repeat_interleave(torch.arange(num_mentions, device=candidates.device), programs)
+    first_item = torch.cumsum(programs, 0) - programs  # each mention's first item
+    slot = torch.arange(item_mention.numel(), device=candidates.device) - first_item[item_mention]
+    item_first = slot * per_program
+    return item_mention.int(), item_first.int(), extent.int()
+
+
 def fused_global_to_local(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -356,7 +386,8 @@ def fused_global_to_local(
     (B, E) bool mask, only those pairs are computed; the other entries are 0. `block_mentions`: mentions per program
     (a program reads its entities' queries from memory once per block; the block's keys and values stay in cache).
     With `candidates` instead, (B, K) entity rows per mention (-1 for none), the scores (B, K) of those pairs alone
-    (0 where -1): a program takes one mention and tiles of its candidates, whose token rows it gathers.
+    (0 where -1): a program takes one mention and tiles of its candidates, whose token rows it gathers; no program
+    runs for the -1 padding after a mention's last candidate (`candidate_programs`).
     """
     num_entities, lq, d = query.shape
     num_mentions, lk, _ = key.shape
@@ -376,11 +407,12 @@ def fused_global_to_local(
         candidates = candidates.to(device=query.device, dtype=torch.int64).contiguous()
         out = torch.zeros(candidates.shape, dtype=torch.float32, device=query.device)
         constants, options = candidate_launch_parameters(lq, lk, d, dtype)
-        grid = (num_mentions, triton.cdiv(candidates.shape[1], constants["BLOCK_E"] * CANDIDATE_STEPS))
-        _g2l_candidates_kernel[grid](
-            query, key, value, scaled_global, global_bias, candidates, out, candidates.shape[1], eps,
-            **constants, **options,
-        )
+        items = candidate_programs(candidates, constants["BLOCK_E"] * CANDIDATE_STEPS)
+        if items[0].numel():
+            _g2l_candidates_kernel[(items[0].numel(),)](
+                query, key, value, scaled_global, global_bias, candidates, *items, out, candidates.shape[1], eps,
+                **constants, **options,
+            )
         return out
     out = torch.zeros((num_mentions, num_entities), dtype=torch.float32, device=query.device)
     if needed is not None:

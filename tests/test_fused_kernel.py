@@ -53,13 +53,15 @@ SCRIPT = textwrap.dedent(
         top = index.topk(model, mentions, k=3)
         torch.testing.assert_close(top[0], reference_top[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(top[1], reference_top[1])
-        # The pruned ranker scoring each mention's needed entities through the candidates kernel: the same results.
-        index.pruned_scoring = "candidates"
+        # The pruned ranker scoring its needed pairs through the masked grid instead of the candidates kernel (the
+        # default, each mention's list): the same results.
+        assert index.pruned_scoring == "candidates"
+        index.pruned_scoring = "grid"
         assert torch.equal(index.rank(model, mentions, gold_ids), reference_ranks)
         top = index.topk(model, mentions, k=3)
         torch.testing.assert_close(top[0], reference_top[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(top[1], reference_top[1])
-        index.pruned_scoring = "grid"
+        index.pruned_scoring = "candidates"
         # Listed candidates scored by the index (two-stage re-scoring): the kernel reads each candidate's rows in
         # place; the dot-product parts gathered (one candidate: K * D < E) or picked from every pair (seven).
         for count in (1, 7):
@@ -111,6 +113,24 @@ SCRIPT = textwrap.dedent(
             torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
                                        rtol=1e-6, atol=1e-6)
             assert (listed[~present] == 0).all()
+            # Lists of very different lengths padded with -1 to the longest (as the pruned ranker makes them), long
+            # enough for several programs a mention: one list empty, one with a whole tile of -1 inside it.
+            from modeling_m3el.kernels_m3el import CANDIDATE_STEPS, candidate_launch_parameters
+            lq, d = prepared_e["query"].shape[1:]
+            per_program = candidate_launch_parameters(lq, key.shape[1], d, torch.float32)[0]["BLOCK_E"]
+            per_program *= CANDIDATE_STEPS
+            width = 2 * per_program + 5
+            candidates = torch.randint(0, expected.shape[1], (expected.shape[0], width), generator=generator)
+            candidates[0] = -1
+            candidates[1, 3:] = -1
+            candidates[2, 7 : 7 + per_program] = -1
+            candidates[3, per_program:] = -1
+            listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                           block.context_norm, candidates=candidates)
+            present = candidates >= 0
+            torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
+                                       rtol=1e-6, atol=1e-6)
+            assert (listed[~present] == 0).all()
         use("auto")
         # CPU tensors: the kernel only runs where asked (interpreter); with gradients it never does.
         assert not fused_g2l_wanted(prepared_e["query"])
@@ -137,7 +157,7 @@ SCRIPT = textwrap.dedent(
     half = index.to(dtype=torch.bfloat16)
     every_pair = half.rank(model, mentions, gold_ids, prune=False)
     assert torch.equal(half.rank(model, mentions, gold_ids), every_pair)
-    half.pruned_scoring = "candidates"
+    half.pruned_scoring = "grid"
     assert torch.equal(half.rank(model, mentions, gold_ids), every_pair)
     print("ok", "wide")
     """
@@ -151,6 +171,27 @@ def test_fused_kernel_in_the_triton_interpreter(tmp_path):
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert completed.stdout.split() == ["ok", "text_to_image", "ok", "bidirectional", "ok", "wide"]
+
+
+def test_candidate_work_list_covers_each_listed_entry_once():
+    import torch
+
+    from modeling_m3el.kernels_m3el import candidate_programs
+
+    candidates = torch.full((4, 23), -1)
+    candidates[0, :23] = 5  # full: 3 programs of 8
+    candidates[1, 4] = 2  # extent 5: one program
+    candidates[3, [0, 16]] = 1  # a gap of -1 inside: extent 17, 3 programs
+    item_mention, item_first, extent = candidate_programs(candidates, per_program=8)
+    assert extent.tolist() == [23, 5, 0, 17]
+    assert item_mention.tolist() == [0, 0, 0, 1, 3, 3, 3]
+    assert item_first.tolist() == [0, 8, 16, 0, 0, 8, 16]
+    covered = torch.zeros_like(candidates)
+    for mention, first in zip(item_mention.tolist(), item_first.tolist()):
+        stop = min(first + 8, int(extent[mention]))
+        covered[mention, first:stop] += 1
+    assert torch.equal(covered[candidates >= 0], torch.ones(int((candidates >= 0).sum()), dtype=covered.dtype))
+    assert int(covered.sum()) == 23 + 5 + 17  # nothing after a list's last entry
 
 
 def test_kernel_switch_is_validated(monkeypatch):

@@ -161,6 +161,26 @@ def test_stale_index_is_refused(processor, kb, tmp_path):
     EntityIndex.load(tmp_path, model.to(torch.bfloat16))
 
 
+def test_fingerprint_is_the_documented_hash(processor):
+    """The fingerprint's bytes are those saved indexes (and published ones) were stamped with: blake2b-128 of the
+    scoring config's JSON, then each state-dict entry's name and bytes, floating-point ones rounded to bfloat16. The
+    copy made for hashing beside the encoding (`_BackgroundFingerprint`) gives the same hash."""
+    import hashlib
+
+    from modeling_m3el.index_m3el import _BackgroundFingerprint, _scoring_config
+
+    model = _model(processor, "bidirectional")
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps(_scoring_config(model.config.to_dict()), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.bfloat16).view(torch.int16)
+        digest.update(tensor.cpu().contiguous().numpy().tobytes())  # (other buffers as they are)
+    assert model_fingerprint(model) == digest.hexdigest() == _BackgroundFingerprint(model).result()
+    assert model_fingerprint(model.to(torch.bfloat16)) == digest.hexdigest()
+
+
 def test_half_written_index_is_refused(processor, kb, tmp_path):
     model = _model(processor, "text_to_image")
     EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)

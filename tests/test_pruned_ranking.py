@@ -176,6 +176,36 @@ def test_refined_bounds_score_fewer_pairs_with_the_same_results(processor, monke
         assert refined[3] == plain[3] and refined[4] == plain[4]
 
 
+def test_kernel_steps_are_counted_per_tile(processor):
+    """`stats` counts the fused kernels' program steps (one mention against a tile of a few entities) for the pairs
+    left after the bounds: the candidates kernel packs each mention's needed entities into tiles, the masked grid
+    runs a step for every tile of consecutive entities with one needed; both at most the unmasked grid's."""
+    from modeling_m3el.kernels_m3el import entities_per_step
+
+    model = _model(processor, **WIDE)
+    index, mentions, gold = _kb_and_mentions(model, noise=3.0)
+    tiles = {b: entities_per_step(index.tensors[f"{b}.query"].shape[1], index.dtype) for b in ("text", "image")}
+    needed = torch.zeros(3, 2 * max(tiles.values()) + 1, dtype=torch.bool)
+    needed[0, 0] = needed[0, -1] = True  # two entities in two tiles
+    needed[1, :] = True  # every entity
+    counted = {}
+    index._count_steps(counted, needed)
+    tile_count = {b: -(-needed.shape[1] // t) for b, t in tiles.items()}
+    assert counted == {
+        "steps_candidates": sum(1 + tile_count[b] for b in tiles),
+        "steps_grid": sum(2 + tile_count[b] for b in tiles),
+        "steps_every_pair": sum(3 * tile_count[b] for b in tiles),
+    }
+    index._count_steps(counted, needed, ["text"])  # one block (the refinement's): no every-pair steps
+    assert counted["steps_every_pair"] == sum(3 * tile_count[b] for b in tiles)
+    assert counted["steps_candidates"] == sum(1 + tile_count[b] for b in tiles) + 1 + tile_count["text"]
+    stats = {}
+    index.rank(model, mentions, gold, chunk_size=100, stats=stats)
+    chunks = [min(100, len(index) - start) for start in range(0, len(index), 100)]  # the bounds' chunks
+    assert stats["steps_every_pair"] == len(gold) * sum(-(-c // t) for c in chunks for t in tiles.values())
+    assert 0 < stats["steps_candidates"] <= stats["steps_grid"] < stats["steps_every_pair"]
+
+
 def test_mention_span_of_linearly_dependent_values(processor):
     """Repeated tokens (padding, say) make a mention's values linearly dependent: its basis then comes from
     Householder QR instead of Cholesky QR, and still spans its values; the bounds hold."""
