@@ -126,7 +126,7 @@ class EntityIndex:
     # each mention's list of needed entities (a program step covers 2-6 of that mention's needed entities: no step
     # for pairs not needed), or "grid", the kernel's (mention, entity) grid with a mask of the pairs needed (a step
     # covers 2-6 consecutive entities and runs when any of them is needed). Counted on random B/32 weights, the
-    # candidates kernel runs 3-4 times fewer steps (benchmarks/README.md, "Program steps"); the grid was timed on an
+    # candidates kernel runs 2-3 times fewer steps (benchmarks/README.md, "Program steps"); the grid was timed on an
     # H200, the candidates kernel not yet. Same results either way.
     pruned_scoring = "candidates"
     # Whether the pruned `rank` and `topk` narrow the bounds of their undecided pairs by computing one G2L block's
@@ -552,42 +552,44 @@ class EntityIndex:
         query = next((self.tensors[k] for k in ("text.query", "image.query") if k in self.tensors), None)
         return query is not None and fused_g2l_wanted(query)
 
-    def _count_steps(self, stats: dict | None, needed: torch.Tensor, blocks: Sequence[str] | None = None):
+    def _count_steps(
+        self, stats: dict | None, needed: torch.Tensor, blocks: Sequence[str] | None = None, every_pair: bool = False
+    ):
         """
-        Add to `stats` the fused kernels' program steps for scoring the pairs of `needed` (B, chunk) in the G2L
-        `blocks` (default: all, in full), whichever path scores them here: `steps_candidates` (each mention's list,
-        the candidates kernel) and `steps_grid` (the masked grid: a step wherever one of its tile's entities is
-        needed); in full also `steps_every_pair`, the steps of scoring the chunk's every pair (the unmasked grid, as
-        `scores` does). A step is one mention against a tile of a few entities (`kernels_m3el.entities_per_step` of
-        this index's dtype), the unit of the kernels' work.
+        Add to `stats` the fused kernels' program steps for the G2L `blocks` (default: all) of the pairs of `needed`
+        (B, chunk), whether or not the kernels score them here: `steps_candidates` (each mention's list, the
+        candidates kernel) and `steps_grid` (the masked grid: a step wherever one of its tile's entities is
+        needed); with `every_pair`, also `steps_every_pair`, the steps of scoring every pair of the chunk in every
+        block (the unmasked grid, as `scores` does). A step is one mention against a tile of a few entities
+        (`kernels_m3el.entities_per_step` of this index's dtype), the unit of the kernels' work.
         """
         if stats is None:
             return
         num_mentions, width = needed.shape
         per_mention = needed.sum(dim=1)
-        for name in blocks or [b for b in ("text", "image") if f"{b}.query" in self.tensors]:
+        for name in [b for b in ("text", "image") if f"{b}.query" in self.tensors]:
             tile = entities_per_step(self.tensors[f"{name}.query"].shape[1], self.dtype)
-            padded = torch.nn.functional.pad(needed, (0, -width % tile))
-            counts = {
-                "steps_candidates": int(((per_mention + tile - 1) // tile).sum()),
-                "steps_grid": int(padded.view(num_mentions, -1, tile).any(dim=2).sum()),
-            }
-            if blocks is None:
-                counts["steps_every_pair"] = num_mentions * -(-width // tile)
+            counts = {"steps_every_pair": num_mentions * -(-width // tile)} if every_pair else {}
+            if blocks is None or name in blocks:
+                padded = torch.nn.functional.pad(needed, (0, -width % tile))
+                counts["steps_candidates"] = int(((per_mention + tile - 1) // tile).sum())
+                counts["steps_grid"] = int(padded.view(num_mentions, -1, tile).any(dim=2).sum())
             for key, value in counts.items():
                 stats[key] = stats.get(key, 0) + value
 
     def _score_needed(
         self, model: M3ELModel, mentions: dict, start: int, stop: int, needed: torch.Tensor, memory_budget_bytes: int,
-        block: str | None = None,
+        block: str | None = None, known: tuple[str, torch.Tensor] | None = None,
     ):
         """
         Exact scores of the pairs where `needed` (B, stop - start) is set, through the fused kernel, which takes
         each mention's list of needed entities (or, with `pruned_scoring = "grid"`, skips the other pairs of the
         grid): (mention rows, entity rows, scores), in `needed`'s row-major order. With `block` ("text" or
-        "image"), that block's G2L part of the score instead. Without the kernel (or should it fail: it is then
-        turned off, with one warning), the grid is scored by PyTorch in pieces within the budget, or a block's part
-        pair by pair, gathered.
+        "image"), that block's G2L part of the score instead. `known`, (block, G2L scores (B, stop - start)): that
+        block's part of every needed pair, already computed exactly (by `_refine`): the kernel then computes the
+        other parts only, and the scores add them up as `score_prepared` does. Without the kernel (or should it
+        fail: it is then turned off, with one warning), the grid is scored by PyTorch in pieces within the budget,
+        or a block's part pair by pair, gathered.
         """
         if self.pruned_scoring not in ("grid", "candidates"):
             raise ValueError(f"pruned_scoring must be 'grid' or 'candidates', got {self.pruned_scoring!r}")
@@ -595,12 +597,13 @@ class EntityIndex:
         if rows.numel() == 0:
             return rows, columns + start, torch.zeros(0, dtype=torch.float32, device=self.device)
         if block is None:
-            def score(entities, **which):
-                return model.score_prepared(mentions, entities, **which).logits
+            def score(entities, pick=lambda part: part, **which):  # pick: the known part's entries for `which`
+                g2l = None if known is None else {known[0]: pick(known[1])}
+                return model.score_prepared(mentions, entities, g2l=g2l, **which).logits
         else:
             matching = getattr(model, f"{block}_matching")
 
-            def score(entities, **which):
+            def score(entities, pick=None, **which):
                 return matching.global_to_local(mentions[block], entities[block], **which)
         if self._fused():  # (no longer, once the kernel has failed in an earlier chunk)
             try:
@@ -611,7 +614,9 @@ class EntityIndex:
                         candidates = torch.full((needed.shape[0], int(counts.max())), -1, device=self.device)
                         candidates[sorted_rows, slots] = columns[order]
                         scores = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
-                        scores[order] = score(entities, candidates=candidates)[sorted_rows, slots].float()
+                        listed = score(entities, lambda part: part.gather(1, candidates.clamp(min=0)),
+                                       candidates=candidates)
+                        scores[order] = listed[sorted_rows, slots].float()
                         return rows, columns + start, scores
                     return rows, columns + start, score(entities, needed=needed)[rows, columns].float()
             except FusedKernelError as error:
@@ -624,23 +629,26 @@ class EntityIndex:
         scores = torch.empty(rows.shape, dtype=torch.float32, device=self.device)
         for first in range(0, stop - start, step):
             inside = (columns >= first) & (columns < first + step)
-            logits = score(self._prepared(start + first, min(start + first + step, stop)))
+            logits = score(self._prepared(start + first, min(start + first + step, stop)),
+                           lambda part, first=first: part[:, first : first + step])
             scores[inside] = logits[rows[inside], columns[inside] - first].float()
         return rows, columns + start, scores
 
     def _refine(
         self, model: M3ELModel, mentions: dict, start: int, stop: int, parts: dict, pairs: torch.Tensor,
         lower: torch.Tensor, upper: torch.Tensor, memory_budget_bytes: int, stats: dict | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[str, torch.Tensor] | None]:
         """
         Narrower bounds for the pairs in `pairs` (B, stop - start): one G2L block's part computed exactly (the block
         whose interval over these pairs is widest per unit of work, tokens x tokens), in place of its interval
-        (`parts`, from `score_bounds`). Returns (lower, upper, pairs refined). Rounding: the exact score sums the
-        same parts in float32, within the bounds' margin. `stats`: see `_count_steps` (the refined block's steps).
+        (`parts`, from `score_bounds`). Returns (lower, upper, pairs refined, known): `known` is (the block, its
+        exact part (B, stop - start), float32, NaN outside `pairs`), or None when nothing was refined, for
+        `_score_needed` not to compute it again. Rounding: the exact score sums the same parts in float32, within
+        the bounds' margin. `stats`: see `_count_steps` (the refined block's steps).
         """
         blocks = [name for name in ("text", "image") if name in parts]
         if not self.refine_bounds or len(blocks) < 2 or not pairs.any():
-            return lower, upper, 0
+            return lower, upper, 0, None
 
         def width_per_work(name):  # the block's radius summed over the pairs, per tokens x tokens
             radius = parts[name][1]
@@ -649,13 +657,16 @@ class EntityIndex:
         block = max(blocks, key=width_per_work)
         self._count_steps(stats, pairs, [block])
         rows, columns, exact = self._score_needed(model, mentions, start, stop, pairs, memory_budget_bytes, block)
-        columns, exact = columns - start, exact.to(lower.dtype)
+        columns = columns - start
+        known = torch.full(pairs.shape, float("nan"), dtype=exact.dtype, device=self.device)
+        known[rows, columns] = exact
+        exact = exact.to(lower.dtype)
         radius = parts[block][1]
         center, radius = parts[block][0][columns], radius[rows, columns] if radius.dim() == 2 else radius[columns]
         scale = 2 * parts["branches"]
         lower[rows, columns] += (exact - center + radius) / scale
         upper[rows, columns] += (exact - center - radius) / scale
-        return lower, upper, int(rows.numel())
+        return lower, upper, int(rows.numel()), (block, known)
 
     def _on_index(self, mentions: dict) -> dict:
         """Prepared mention tensors moved to this index's device and dtype."""
@@ -699,9 +710,10 @@ class EntityIndex:
         exactly, the G2L parts within an interval that holds for any mention), and only the entities whose bounds
         straddle the gold's score are scored exactly. `prune=False` scores every entity (`scores`). `stats`, a dict,
         receives `pairs` (mentions x entities), `scored` (pairs scored exactly, the gold pairs included), `refined`
-        (pairs whose bounds were narrowed by one G2L block computed exactly; see `refine_bounds`) and the fused
-        kernels' program steps for the pairs scored after the bounds, whichever path scored them: `steps_candidates`,
-        `steps_grid` (see `pruned_scoring`) and `steps_every_pair` (see `_count_steps`).
+        (pairs whose bounds were narrowed by one G2L block computed exactly, the gold pairs included; see
+        `refine_bounds`) and the fused kernels' program steps for the pairs scored after the bounds, whichever path
+        scored them: `steps_candidates`, `steps_grid` (see `pruned_scoring`) and `steps_every_pair` (see
+        `_count_steps`).
         """
         if len(gold_entity_ids) != mention_features.text_embeds.shape[0]:
             raise ValueError(f"{len(gold_entity_ids)} gold ids for {mention_features.text_embeds.shape[0]} mentions")
@@ -729,19 +741,21 @@ class EntityIndex:
             others = torch.arange(start, stop, device=self.device)[None, :] != gold[:, None]
             surely_above = (lower >= gold_scores[:, None]) & others
             undecided = (upper >= gold_scores[:, None]) & others & ~surely_above
-            # one G2L block exactly for the undecided pairs: most of them are decided then
-            lower, upper, count = self._refine(
-                model, mentions, start, stop, parts, undecided, lower, upper, memory_budget_bytes, steps
+            # one G2L block exactly for the undecided pairs (and the gold pairs, scored in full with them below):
+            # most of them are decided then
+            lower, upper, count, known = self._refine(
+                model, mentions, start, stop, parts, undecided | ~others, lower, upper, memory_budget_bytes, steps
             )
             if count:
                 refined += count
                 surely_above |= undecided & (lower >= gold_scores[:, None])
                 undecided &= (upper >= gold_scores[:, None]) & ~surely_above
             above += surely_above.sum(dim=1)
-            self._count_steps(steps, undecided | ~others)
-            if fused:  # the undecided pairs and the gold pairs of this chunk, through the kernel's grid
+            self._count_steps(steps, undecided | ~others, _other_blocks(parts, known), every_pair=True)
+            if fused:  # the undecided pairs and the gold pairs of this chunk, through the kernel (the refined
+                # block's part as computed)
                 rows, entities, scores = self._score_needed(
-                    model, mentions, start, stop, undecided | ~others, memory_budget_bytes
+                    model, mentions, start, stop, undecided | ~others, memory_budget_bytes, known=known
                 )
                 is_gold = entities == gold[rows]
                 final_gold[rows[is_gold]] = scores[is_gold].to(final_gold.dtype)
@@ -822,16 +836,16 @@ class EntityIndex:
             parts = {}
             lower, upper = model.score_bounds(mentions, self._prepared(start, stop), spans, parts)
             candidates = upper >= threshold[:, None]
-            lower, upper, count = self._refine(
+            lower, upper, count, known = self._refine(
                 model, mentions, start, stop, parts, candidates, lower, upper, memory_budget_bytes, steps
             )
             if count:
                 refined += count
                 candidates &= upper >= threshold[:, None]
-            self._count_steps(steps, candidates)
+            self._count_steps(steps, candidates, _other_blocks(parts, known), every_pair=True)
             if fused:
                 rows, entities, scores = self._score_needed(
-                    model, mentions, start, stop, candidates, memory_budget_bytes
+                    model, mentions, start, stop, candidates, memory_budget_bytes, known=known
                 )
                 pair_scores.append(scores)
             else:
@@ -858,6 +872,13 @@ class EntityIndex:
         values, slot = padded.topk(k, dim=1)
         rows = entity_rows.gather(1, slot)
         return values.float(), rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
+
+
+def _other_blocks(parts: dict, known: tuple[str, torch.Tensor] | None) -> list[str] | None:
+    """The G2L blocks still to compute for pairs whose `known` block (from `_refine`) is computed: None for all."""
+    if known is None:
+        return None
+    return [name for name in ("text", "image") if name in parts and name != known[0]]
 
 
 def _group_by_mention(mention_rows: torch.Tensor, num_mentions: int):

@@ -186,15 +186,18 @@ class M3ELIntraModalMatching(nn.Module):
 
     def score(
         self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor], needed: torch.Tensor | None = None,
-        candidates: torch.Tensor | None = None,
+        candidates: torch.Tensor | None = None, g2l: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         `(g2g + g2l) / 2`. Entity tensors of shape (E, ...) score every mention against every entity, (B, E);
         entity tensors gathered per mention, (B, K, ...), score each mention against its own K candidates, (B, K).
-        `needed`, `candidates`: see `global_to_local`.
+        `needed`, `candidates`: see `global_to_local`. `g2l`: the G2L scores of these pairs, already computed by
+        `global_to_local` (of the output's shape), which are then not computed again.
         """
         global_to_global = _pair_dot(mention["embeds"], entity["embeds"], candidates)  # (B, E) or (B, K)
-        return (global_to_global + self.global_to_local(mention, entity, needed, candidates)) / 2
+        if g2l is None:
+            g2l = self.global_to_local(mention, entity, needed, candidates)
+        return (global_to_global + g2l) / 2
 
     def global_to_local(
         self, mention: dict[str, torch.Tensor], entity: dict[str, torch.Tensor], needed: torch.Tensor | None = None,
@@ -637,7 +640,8 @@ class M3ELModel(M3ELPreTrainedModel):
         return prepared
 
     def score_prepared(
-        self, mentions: dict, entities: dict, needed: torch.Tensor | None = None, candidates: torch.Tensor | None = None
+        self, mentions: dict, entities: dict, needed: torch.Tensor | None = None, candidates: torch.Tensor | None = None,
+        g2l: dict[str, torch.Tensor] | None = None,
     ) -> M3ELScores:
         """
         Scores (B, E) from the outputs of `prepare_mentions` and `prepare_entities`. Entity tensors gathered per
@@ -645,14 +649,19 @@ class M3ELModel(M3ELPreTrainedModel):
         `score_prepared_candidates`). `needed`, an optional (B, E) bool mask of the pairs wanted, lets the fused G2L
         kernel skip the others (their scores are then meaningless; see `M3ELIntraModalMatching.global_to_local`).
         `candidates`, optional (B, K) rows of the (E, ...) entity tensors (-1: none), gives the scores (B, K) of
-        those pairs alone (meaningless where -1), the entity tensors left ungathered.
+        those pairs alone (meaningless where -1), the entity tensors left ungathered. `g2l`, optional, maps "text"
+        or "image" to that block's G2L scores of these pairs, already computed (`global_to_local`, of the output's
+        shape): they are used as they are, and only the other parts are computed.
         """
+        g2l = g2l or {}
         branch_logits = {}
         if self.text_matching is not None:
-            branch_logits["text"] = self.text_matching.score(mentions["text"], entities["text"], needed, candidates)
+            branch_logits["text"] = self.text_matching.score(
+                mentions["text"], entities["text"], needed, candidates, g2l.get("text")
+            )
         if self.image_matching is not None:
             branch_logits["image"] = self.image_matching.score(
-                mentions["image"], entities["image"], needed, candidates
+                mentions["image"], entities["image"], needed, candidates, g2l.get("image")
             )
         if self.cross_modal_matching is not None:
             for name, vector in mentions["cross_modal"].items():

@@ -159,6 +159,18 @@ SCRIPT = textwrap.dedent(
     assert torch.equal(half.rank(model, mentions, gold_ids), every_pair)
     half.pruned_scoring = "grid"
     assert torch.equal(half.rank(model, mentions, gold_ids), every_pair)
+    # Exact ties (three gold entities with an identical twin in the KB) through the kernels: the scores assembled from
+    # the refined block's part and the rest tie exactly, in both pruned paths, and the ties count against the gold.
+    from test_pruned_ranking import _kb_and_mentions
+    index, mentions, gold_ids = _kb_and_mentions(model, noise=3.0, duplicates=3)
+    use("torch")
+    every_pair = index.rank(model, mentions, gold_ids, prune=False)
+    use("triton")
+    for path in ("candidates", "grid"):
+        index.pruned_scoring = path
+        stats = {}
+        ranks = index.rank(model, mentions, gold_ids, stats=stats)
+        assert torch.equal(ranks, every_pair) and (ranks[:3] >= 2).all() and stats["refined"] > 0, (path, ranks)
     print("ok", "wide")
     """
 )

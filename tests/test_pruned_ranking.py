@@ -189,14 +189,14 @@ def test_kernel_steps_are_counted_per_tile(processor):
     needed[0, 0] = needed[0, -1] = True  # two entities in two tiles
     needed[1, :] = True  # every entity
     counted = {}
-    index._count_steps(counted, needed)
+    index._count_steps(counted, needed, every_pair=True)
     tile_count = {b: -(-needed.shape[1] // t) for b, t in tiles.items()}
     assert counted == {
         "steps_candidates": sum(1 + tile_count[b] for b in tiles),
         "steps_grid": sum(2 + tile_count[b] for b in tiles),
         "steps_every_pair": sum(3 * tile_count[b] for b in tiles),
     }
-    index._count_steps(counted, needed, ["text"])  # one block (the refinement's): no every-pair steps
+    index._count_steps(counted, needed, ["text"])  # one block (the refinement's)
     assert counted["steps_every_pair"] == sum(3 * tile_count[b] for b in tiles)
     assert counted["steps_candidates"] == sum(1 + tile_count[b] for b in tiles) + 1 + tile_count["text"]
     stats = {}
