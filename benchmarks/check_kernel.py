@@ -1,6 +1,7 @@
 """The fused G2L kernel against the PyTorch path, same model and features: scores of every (mention, entity) pair
 in float32 and bfloat16, the pruned ranks, and the time of one `EntityIndex.scores` call (every pair: the grid
-without a mask) and one `EntityIndex.rank` call (pruned: the masked grid) of each path. On CUDA also launch
+without a mask) and one `EntityIndex.rank` call (pruned: the candidates kernel, or the masked grid, as
+`EntityIndex.pruned_scoring` says) of each path. On CUDA also launch
 variants (`kernels_m3el.LAUNCH`: query rows, warps, pipeline stages, float32 products by TF32x3 or IEEE), timed and
 compared the same way; `--launch-out` writes the fastest that agree for the other benchmarks' `--launch`.
 
@@ -84,7 +85,7 @@ def compare(index, model, mentions, gold_ids, device, dtype: torch.dtype, with_v
         index.scores(model, mentions)  # compiles
         fused, seconds = timed(lambda: index.scores(model, mentions), device)
         difference = float((fused.float() - reference.float()).abs().max())
-        index.rank(model, mentions, gold_ids)  # the masked grid of the pruned ranker: a second compilation
+        index.rank(model, mentions, gold_ids)  # the pruned ranker's kernel: more compilations
         ranks, rank_seconds = timed(lambda: index.rank(model, mentions, gold_ids), device)
         return {"max_abs_diff": difference, "agrees": difference <= limit, "kernel_ms": 1000 * seconds,
                 "rank_ms": 1000 * rank_seconds, "ranks_equal": float((ranks == reference_ranks).float().mean())}

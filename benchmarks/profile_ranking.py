@@ -1,7 +1,7 @@
 """Where the exact ranker's time goes: `torch.profiler` over one `EntityIndex.scores` call (every pair) and one
 `EntityIndex.rank` call (pruned) per index dtype, the device time of every kernel summed by name, the fused G2L
-kernel's share of the call, and its rate: (mention, entity) pairs per second and microseconds per program step (one
-mention against one program's tile of entities, per SM).
+kernels' share of the call, and their rate: (mention, entity) pairs per second and microseconds per program step
+(one mention against one program's tile of entities, per SM; for `rank`, the steps its pruned path ran).
 
     python benchmarks/profile_ranking.py --device cuda --model b32 --sizes 32768 --mentions 128
     python benchmarks/profile_ranking.py --check                                # CPU, tiny: the PyTorch path
@@ -19,7 +19,7 @@ from common import feature_shapes, markdown_table, parse_sizes, random_kb_with_m
 from modeling_m3el import kernels_m3el
 from modeling_m3el.modeling_m3el import M3ELModel
 
-FUSED = "_g2l_grid_kernel"
+FUSED = ("_g2l_grid_kernel", "_g2l_candidates_kernel")  # the fused kernels' names (the grid's; the pruned pairs')
 
 
 def device_times(prof, cuda: bool) -> list[tuple[str, float, int]]:
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                     if cuda:
                         torch.cuda.synchronize(device)
                 times = device_times(prof, cuda)
-                fused_us = sum(total for key, total, _ in times if FUSED in key)
+                fused_us = sum(total for key, total, _ in times if any(kernel in key for kernel in FUSED))
                 # rank: the pairs scored in full, plus those refined by one G2L block counted as half a pair
                 scored = (stats["scored"] + stats.get("refined", 0) / 2) / stats["pairs"] if name == "rank" else 1
                 pairs = args.mentions * num_entities * scored
@@ -86,15 +86,22 @@ def main(argv=None) -> int:
                                       for key, total, count in times[: args.top]]}
                 if fused_us > 0 and cuda:
                     sms = torch.cuda.get_device_properties(device).multi_processor_count
-                    steps = grid_steps(model, num_entities, args.mentions, dtype)  # upper bound for "rank"
+                    # the program steps the kernels ran: every pair's for scores(); for rank(), as the ranker
+                    # counted them for the path it took (EntityIndex.pruned_scoring)
+                    steps = grid_steps(model, num_entities, args.mentions, dtype)
+                    if name == "rank":
+                        steps = stats["steps_candidates" if index.pruned_scoring == "candidates" else "steps_grid"]
                     row["fused_pairs_per_s"] = pairs / (fused_us / 1e6)
+                    row["program_steps"] = steps
                     row["us_per_step_per_sm"] = fused_us * sms / steps
                 results.append(row)
                 share = f"{100 * row['fused_ms'] / row['wall_ms']:.0f}%" if row["fused_ms"] else "-"
                 print(f"\n## {num_entities:,} entities, {row['dtype']} index, {name}(): {row['wall_ms']:.1f} ms wall, "
                       f"fused kernel {row['fused_ms']:.1f} ms ({share})"
                       + (f", {row['fused_pairs_per_s']:.3g} pairs/s, {row['us_per_step_per_sm']:.2f} us per program "
-                         "step per SM (every step of the grid counted)" if "fused_pairs_per_s" in row else "")
+                         f"step per SM ({row['program_steps']:,} steps)" if "fused_pairs_per_s" in row else "")
+                      + (f"; pruned pairs by the {index.pruned_scoring} kernel" if name == "rank" and index._fused()
+                         else "")
                       + (f"; {100 * stats['scored'] / stats['pairs']:.1f}% of the pairs scored, "
                          f"{100 * stats.get('refined', 0) / stats['pairs']:.1f}% refined by one G2L block" if stats
                          else "")
