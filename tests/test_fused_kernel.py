@@ -105,32 +105,24 @@ SCRIPT = textwrap.dedent(
                 torch.testing.assert_close(variant[needed], full[needed], rtol=1e-5, atol=1e-5)
                 assert (variant[~needed] == 0).all()
             kernels_m3el.LAUNCH.update(default)
-            # Listed candidates (-1: none), the kernel that gathers each mention's entities: the grid's scores.
-            candidates = torch.randint(-1, expected.shape[1], (expected.shape[0], 11), generator=generator)
-            listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
-                                           block.context_norm, candidates=candidates)
-            present = candidates >= 0
-            torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
-                                       rtol=1e-6, atol=1e-6)
-            assert (listed[~present] == 0).all()
-            # Lists of very different lengths padded with -1 to the longest (as the pruned ranker makes them), long
-            # enough for several programs a mention: one list empty, one with a whole tile of -1 inside it.
-            from modeling_m3el.kernels_m3el import CANDIDATE_STEPS, candidate_launch_parameters
-            lq, d = prepared_e["query"].shape[1:]
-            per_program = candidate_launch_parameters(lq, key.shape[1], d, torch.float32)[0]["BLOCK_E"]
-            per_program *= CANDIDATE_STEPS
-            width = 2 * per_program + 5
-            candidates = torch.randint(0, expected.shape[1], (expected.shape[0], width), generator=generator)
-            candidates[0] = -1
-            candidates[1, 3:] = -1
-            candidates[2, 7 : 7 + per_program] = -1
-            candidates[3, per_program:] = -1
-            listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
-                                           block.context_norm, candidates=candidates)
-            present = candidates >= 0
-            torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
-                                       rtol=1e-6, atol=1e-6)
-            assert (listed[~present] == 0).all()
+            # Listed candidates (-1: none), the kernel that gathers each mention's entities: the grid's scores. Then
+            # lists of very different lengths padded with -1 to the longest (as the pruned ranker makes them), long
+            # enough for several programs a mention: one list empty, one with a whole program's entries of -1 inside.
+            from modeling_m3el.kernels_m3el import CANDIDATE_STEPS, entities_per_step
+            per_program = entities_per_step(prepared_e["query"].shape[1], torch.float32) * CANDIDATE_STEPS
+            uneven = torch.randint(0, expected.shape[1], (expected.shape[0], 2 * per_program + 5), generator=generator)
+            uneven[0] = -1
+            uneven[1, 3:] = -1
+            uneven[2, 7 : 7 + per_program] = -1
+            uneven[3, per_program:] = -1
+            for candidates in (torch.randint(-1, expected.shape[1], (expected.shape[0], 11), generator=generator),
+                               uneven):
+                listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
+                                               block.context_norm, candidates=candidates)
+                present = candidates >= 0
+                torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
+                                           rtol=1e-6, atol=1e-6)
+                assert (listed[~present] == 0).all()
         use("auto")
         # CPU tensors: the kernel only runs where asked (interpreter); with gradients it never does.
         assert not fused_g2l_wanted(prepared_e["query"])
