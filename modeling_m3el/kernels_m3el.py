@@ -43,7 +43,11 @@ FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the
 #   a step's layout conversions and barriers serve more pairs (checked in the interpreter and compiled; not yet
 #   timed on a GPU: `benchmarks/check_kernel.py` times it as a variant);
 # - precision (float32): "tf32x3", three TF32 tensor-core products (each operand split into a TF32 part and its
-#   remainder; error near float32's), or "ieee", float32 on FMA units.
+#   remainder; error near float32's), or "ieee", float32 on FMA units;
+# - hoist (the candidates kernel; default False): a program's mention keys and values loaded once, before its loop
+#   over tiles of that mention's entities, rather than at every step (compiled for sm_90 it needs fewer registers,
+#   with no spill in float32, and more shared memory; not yet timed on a GPU: `benchmarks/check_kernel.py` times it
+#   as a variant); candidate_stages: the candidates kernel's pipeline stages (default 1; `stages` is the grid's).
 # The fastest that agreed with the PyTorch path on an H200 (benchmarks/README.md, "GPU"): float32 by TF32x3 took
 # 20.6 ms where IEEE took 300-580 ms and PyTorch's float32 path 47 ms, with the same largest difference from PyTorch
 # (1.5e-5), every pruned rank equal, and the exact ranks at 109,976 entities identical to the authors' loop; bf16 at
@@ -101,17 +105,23 @@ if triton is not None:
         return scaled_global, tl.load(global_bias_ptr + entities, mask=valid, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _mention_scores(
-        query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask, in_d, eps,
-        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr,
-        PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        """G2L scores (EP,) of one mention against the entities of a program's query tile."""
+    def _load_mention(key_ptr, value_ptr, mention, tokens, dims, token_mask, LK: tl.constexpr, D: tl.constexpr,
+                      UPCAST: tl.constexpr):
+        """One mention's keys (LKP, DP), in the index's dtype, and values (LKP, DP), float32; 0 past LK and D."""
         offsets = mention * (LK * D) + tokens[:, None] * D + dims[None, :]
         key = tl.load(key_ptr + offsets, mask=token_mask, other=0.0)
         if UPCAST:
             key = key.to(tl.float32)
-        value = tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
+        return key, tl.load(value_ptr + offsets, mask=token_mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _mention_scores(
+        query, segment, scaled_global, bias, key, value, tokens, in_d, eps,
+        LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr,
+        PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr,
+    ):
+        """G2L scores (EP,) of one mention (its keys and values, `_load_mention`) against the entities of a
+        program's query tile."""
         if PRECISION == "":  # half precision: the tensor cores' own products
             scores = tl.dot(query, tl.trans(key))  # (ROWS, LKP)
         else:  # float32: "ieee" (FMA units) or "tf32x3" (three TF32 tensor-core products)
@@ -209,15 +219,18 @@ if triton is not None:
                     needed = tl.load(needed_ptr + mention * num_entities + entities, mask=slot_valid, other=0)
                     wanted = slot_valid & (needed != 0)
                     if tl.max(wanted.to(tl.int32), axis=0) > 0:
+                        key, value = _load_mention(key_ptr, value_ptr, mention, tokens, dims, token_mask, LK, D,
+                                                   UPCAST)
                         score = _mention_scores(
-                            query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims,
-                            token_mask, in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
+                            query, segment, scaled_global, bias, key, value, tokens, in_d, eps, LQ, LK, D,
+                            PRECISION, SMALL_PRECISION,
                         )
                         tl.store(out_ptr + mention * num_entities + entities, score, mask=wanted)
                 else:  # no branch in the loop: Triton can pipeline it (prefetch the next mentions' keys and values)
+                    key, value = _load_mention(key_ptr, value_ptr, mention, tokens, dims, token_mask, LK, D, UPCAST)
                     score = _mention_scores(
-                        query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
-                        in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
+                        query, segment, scaled_global, bias, key, value, tokens, in_d, eps, LQ, LK, D, PRECISION,
+                        SMALL_PRECISION,
                     )
                     tl.store(out_ptr + mention * num_entities + entities, score, mask=slot_valid)
 
@@ -227,13 +240,15 @@ if triton is not None:
         query_ptr, key_ptr, value_ptr, scaled_global_ptr, global_bias_ptr, candidates_ptr, item_mention_ptr,
         item_first_ptr, extent_ptr, out_ptr, num_candidates, eps,
         LQ: tl.constexpr, LK: tl.constexpr, D: tl.constexpr, LKP: tl.constexpr, DP: tl.constexpr,
-        ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, STEPS: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_E: tl.constexpr, EP: tl.constexpr, STEPS: tl.constexpr, HOIST: tl.constexpr,
         PRECISION: tl.constexpr, SMALL_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     ):
         # A program: one work item (`candidate_programs`), a mention and up to STEPS tiles of its list of entity rows
         # (-1: none) from `first`, BLOCK_E entries a tile, up to the list's extent (its last listed entity), so that
-        # the padding after it costs nothing; a tile that lists no entity is skipped. The listed entities' token rows
-        # are gathered from the index (contiguous within an entity).
+        # the padding after it costs nothing. The listed entities' token rows are gathered from the index
+        # (contiguous within an entity). The loop has no branch (a tile of -1 only, from a gap in a list, is
+        # computed and not stored), so that Triton may pipeline it; with HOIST the mention's keys and values are
+        # loaded once, before it, rather than at every step.
         item = tl.program_id(0)
         mention = tl.load(item_mention_ptr + item).to(tl.int64)
         first = tl.load(item_first_ptr + item).to(tl.int64)
@@ -243,29 +258,32 @@ if triton is not None:
         row_slot = rows // LQ
         token_mask = (tokens[:, None] < LK) & in_d[None, :]
         listed = candidates_ptr + mention * num_candidates
+        if HOIST:
+            key, value = _load_mention(key_ptr, value_ptr, mention, tokens, dims, token_mask, LK, D, UPCAST)
         for start in range(first, stop, BLOCK_E):
             places = start + slots
             entities = tl.load(listed + places, mask=(slots < BLOCK_E) & (places < stop), other=-1)
             slot_valid = entities >= 0
-            if tl.max(slot_valid.to(tl.int32), axis=0) > 0:
-                row_listed = (row_slot < BLOCK_E) & (start + row_slot < stop)
-                row_entity = tl.load(listed + start + row_slot, mask=row_listed, other=-1)  # each row's entity
-                row_valid = row_entity >= 0
-                query = tl.load(
-                    query_ptr + (row_entity * LQ + rows % LQ)[:, None] * D + dims[None, :],
-                    mask=row_valid[:, None] & in_d[None, :], other=0.0,
-                )
-                if UPCAST:
-                    query = query.to(tl.float32)
-                segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
-                scaled_global, bias = _entity_globals(
-                    scaled_global_ptr, global_bias_ptr, entities, slot_valid, dims, in_d, D
-                )
-                score = _mention_scores(
-                    query, segment, scaled_global, bias, key_ptr, value_ptr, mention, tokens, dims, token_mask,
-                    in_d, eps, LQ, LK, D, PRECISION, SMALL_PRECISION, UPCAST,
-                )
-                tl.store(out_ptr + mention * num_candidates + places, score, mask=slot_valid)
+            row_listed = (row_slot < BLOCK_E) & (start + row_slot < stop)
+            row_entity = tl.load(listed + start + row_slot, mask=row_listed, other=-1)  # each row's entity
+            row_valid = row_entity >= 0
+            query = tl.load(
+                query_ptr + (row_entity * LQ + rows % LQ)[:, None] * D + dims[None, :],
+                mask=row_valid[:, None] & in_d[None, :], other=0.0,
+            )
+            if UPCAST:
+                query = query.to(tl.float32)
+            segment = ((row_slot[None, :] == slots[:, None]) & row_valid[None, :]).to(tl.float32)
+            scaled_global, bias = _entity_globals(
+                scaled_global_ptr, global_bias_ptr, entities, slot_valid, dims, in_d, D
+            )
+            if not HOIST:
+                key, value = _load_mention(key_ptr, value_ptr, mention, tokens, dims, token_mask, LK, D, UPCAST)
+            score = _mention_scores(
+                query, segment, scaled_global, bias, key, value, tokens, in_d, eps, LQ, LK, D, PRECISION,
+                SMALL_PRECISION,
+            )
+            tl.store(out_ptr + mention * num_candidates + places, score, mask=slot_valid)
 
 
 def record_failure(error: Exception) -> None:
@@ -348,7 +366,10 @@ def candidate_launch_parameters(lq: int, lk: int, d: int, dtype: torch.dtype) ->
     """`launch_parameters` for the candidates kernel: the same tile, `CANDIDATE_STEPS` tiles a program."""
     constants, options = launch_parameters(lq, lk, d, dtype, False)
     constants = {k: v for k, v in constants.items() if k not in ("BLOCK_B", "MB", "HAS_MASK")}
-    return {**constants, "STEPS": CANDIDATE_STEPS}, options
+    launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
+    # its own pipeline stages: at the grid's 2 its loop (no branch) is pipelined past the shared memory of an SM
+    options = {**options, "num_stages": launch.get("candidate_stages", 1)}
+    return {**constants, "STEPS": CANDIDATE_STEPS, "HOIST": launch.get("hoist", False)}, options
 
 
 def candidate_programs(candidates: torch.Tensor, per_program: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -115,14 +115,18 @@ SCRIPT = textwrap.dedent(
             uneven[1, 3:] = -1
             uneven[2, 7 : 7 + per_program] = -1
             uneven[3, per_program:] = -1
-            for candidates in (torch.randint(-1, expected.shape[1], (expected.shape[0], 11), generator=generator),
-                               uneven):
-                listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"], prepared_e["global"],
-                                               block.context_norm, candidates=candidates)
-                present = candidates >= 0
-                torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
-                                           rtol=1e-6, atol=1e-6)
-                assert (listed[~present] == 0).all()
+            scattered = torch.randint(-1, expected.shape[1], (expected.shape[0], 11), generator=generator)
+            # (and the launch that loads a mention's keys and values once per program, pipelined)
+            for launch in (default["float32"], {**default["float32"], "hoist": True, "candidate_stages": 2}):
+                kernels_m3el.LAUNCH["float32"] = launch
+                for candidates in (scattered, uneven):
+                    listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"],
+                                                   prepared_e["global"], block.context_norm, candidates=candidates)
+                    present = candidates >= 0
+                    torch.testing.assert_close(listed[present], full.gather(1, candidates.clamp(min=0))[present],
+                                               rtol=1e-6, atol=1e-6)
+                    assert (listed[~present] == 0).all()
+            kernels_m3el.LAUNCH.update(default)
         use("auto")
         # CPU tensors: the kernel only runs where asked (interpreter); with gradients it never does.
         assert not fused_g2l_wanted(prepared_e["query"])
