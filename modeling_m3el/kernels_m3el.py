@@ -327,12 +327,16 @@ def _padded(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())  # the next power of two, at least 16
 
 
+def _tile_rows(lq: int, dtype: torch.dtype) -> int:
+    """A program's query rows: the launch's rows (`LAUNCH`), at least one entity's `lq` (padded)."""
+    return max(LAUNCH["float32" if dtype == torch.float32 else "half"]["rows"], _padded(lq))
+
+
 def entities_per_step(lq: int, dtype: torch.dtype) -> int:
     """Entities a program step of either kernel covers (a tile: as many whole entities of `lq` token rows as fit
     the launch's rows, `LAUNCH`), e.g. 6 of 40 text tokens or 5 of 50 image tokens in 256 rows (bf16), 3 or 2 in
     128 (float32)."""
-    launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
-    return max(launch["rows"], _padded(lq)) // lq
+    return _tile_rows(lq, dtype) // lq
 
 
 def launch_parameters(
@@ -343,8 +347,8 @@ def launch_parameters(
     `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
     launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
     lkp, dp = _padded(lk), _padded(d)
-    rows = max(launch["rows"], _padded(lq))  # a program's query rows: as many whole entities as fit
-    block_entities = entities_per_step(lq, dtype)
+    rows = _tile_rows(lq, dtype)  # a program's query rows: as many whole entities as fit
+    block_entities = rows // lq
     precision = launch.get("precision", "")  # "": half precision, the tensor cores' own products
     constants = {
         "LQ": lq, "LK": lk, "D": d, "LKP": lkp, "DP": dp,
