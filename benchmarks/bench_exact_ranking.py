@@ -20,10 +20,12 @@ import torch
 from common import (
     add_common_arguments,
     add_launch_argument,
+    add_noise_argument,
     apply_launch,
     apply_threads,
     best_of,
     build_model,
+    default_noise,
     generator_for,
     gib,
     machine,
@@ -145,16 +147,14 @@ def parse_args(argv=None):
                         "ranker scores its undecided pairs through the fused kernel (EntityIndex.pruned_scoring)")
     parser.add_argument("--no-refine", action="store_true", help="the pruned ranker without its refinement (one "
                         "G2L block computed exactly for the undecided pairs first: EntityIndex.refine_bounds)")
-    parser.add_argument("--noise", type=float, default=None, help="mention = gold entity's features + noise * "
-                        "N(0, 1) (default: 1 for tiny, 5 for b32: gold ranks mostly small, not all 1)")
+    add_noise_argument(parser)
     args = parser.parse_args(argv)
     gpu = torch.device(args.device).type == "cuda"
     if args.check:
         args.sizes, args.mentions, args.naive_mentions = "700", 12, 12
         args.entity_chunk = 300  # several naive chunks, the last one partial
     args.sizes = parse_sizes(args.sizes)
-    if args.noise is None:
-        args.noise = 1.0 if args.model == "tiny" else 5.0
+    args.noise = default_noise(args.model, args.noise)
     args.mentions = args.mentions or (256 if gpu else 64)
     args.naive_mentions = min(args.naive_mentions or 40, args.mentions)
     args.full_mentions = min(args.full_mentions or args.naive_mentions, args.mentions)

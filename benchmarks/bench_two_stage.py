@@ -18,10 +18,12 @@ from common import (
     DTYPES,
     add_common_arguments,
     add_launch_argument,
+    add_noise_argument,
     apply_launch,
     apply_threads,
     best_of,
     build_model,
+    default_noise,
     generator_for,
     gib,
     machine,
@@ -78,8 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (default nlist / 8)")
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--hnsw-ef-search", type=int, default=None, help="default max(64, K)")
-    parser.add_argument("--noise", type=float, default=None, help="mention = an entity's features + noise * N(0, 1) "
-                        "(default: 1 for tiny, 5 for b32); negative: independent random mentions")
+    add_noise_argument(parser, "; negative: independent random mentions")
     parser.add_argument("--memory-budget-mib", type=float, default=None, help="exact ranker and re-scoring memory "
                         "budget (default: 2048 on GPU, 16 on CPU)")
     args = parser.parse_args(argv)
@@ -87,8 +88,7 @@ def parse_args(argv=None):
     if args.check:
         args.sizes, args.mentions, args.k = "600", 8, "2%"
     args.sizes = parse_sizes(args.sizes)
-    if args.noise is None:
-        args.noise = 1.0 if args.model == "tiny" else 5.0
+    args.noise = default_noise(args.model, args.noise)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.mentions = args.mentions or (256 if gpu else 64)
     args.mention_batch = args.mention_batch or (256 if gpu else 32)

@@ -20,8 +20,8 @@ import warnings
 
 import torch
 
-from common import add_common_arguments, apply_threads, build_model, machine, markdown_table, parse_sizes
-from common import random_kb_with_mentions, timed, write_json
+from common import add_common_arguments, add_noise_argument, apply_threads, build_model, default_noise, machine
+from common import markdown_table, parse_sizes, random_kb_with_mentions, timed, write_json
 
 from modeling_m3el import kernels_m3el
 from modeling_m3el.kernels_m3el import FALLBACK, KERNEL_ENV
@@ -122,7 +122,8 @@ def fastest(result: dict, variants: list[dict], dtype: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), sizes="4096")
+    parser = add_noise_argument(add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
+                                                     sizes="4096"))
     parser.add_argument("--mentions", type=int, default=64)
     parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
                         help="time the launch variants too (default: on CUDA; Triton's interpreter ignores warps and "
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
     model = build_model(args.model, args.mode, device, args.seed)
     rows, variant_rows, results, best, ok = [], [], [], {}, True
     for num_entities in parse_sizes(args.sizes):
-        index, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed)
+        index, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed,
+                                                            default_noise(args.model, args.noise))
         for dtype in ("float32", "bfloat16"):
             key = "float32" if dtype == "float32" else "half"
             # The kernel is forced (a failure raises); a fallback warning would be a failure too. Other warnings
@@ -175,8 +177,8 @@ def main(argv=None) -> int:
                                      f"{variant['rank_ms']:.1f}", f"{variant['max_abs_diff']:.2e}",
                                      f"{100 * variant['ranks_equal']:.1f}%",
                                      "yes" if variant["launch"] == best[key] else ""])
-    print(f"# Fused G2L kernel vs PyTorch: {args.model} model, {args.mode}, {args.mentions} mentions; "
-          f"{machine(device)}")
+    print(f"# Fused G2L kernel vs PyTorch: {args.model} model, {args.mode}, {args.mentions} mentions (noise "
+          f"{default_noise(args.model, args.noise):g}); {machine(device)}")
     print(markdown_table(["entities", "index dtype", "launch (kernels_m3el.LAUNCH)", "max abs(kernel - torch)",
                           "tolerance", "pruned ranks equal", "scores() ms, torch / kernel",
                           "rank() ms, torch / kernel", "agrees"], rows))

@@ -37,6 +37,20 @@ def add_common_arguments(parser, sizes: str):
     return parser
 
 
+def add_noise_argument(parser, negative: str = ""):
+    """`--noise`: a mention is its gold entity's features plus noise times N(0, 1) (`default_noise` when not given)."""
+    parser.add_argument("--noise", type=float, default=None, help="mention = an entity's features + noise * N(0, 1) "
+                        "(default: 1 for tiny, 5 for b32: gold ranks mostly small, not all 1, and a share of the "
+                        "pairs the pruned ranker must score)" + negative)
+    return parser
+
+
+def default_noise(model_size: str, noise: float | None) -> float:
+    """The mentions' noise: as given, else 1 for the tiny model and 5 for B/32 widths (whose features are wider, so
+    that a noise of 1 leaves nearly every gold at rank 1 and nothing for the pruned ranker to score)."""
+    return noise if noise is not None else (1.0 if model_size == "tiny" else 5.0)
+
+
 def add_launch_argument(parser):
     parser.add_argument("--launch", help="a JSON file of fused-kernel launches per index dtype, as `check_kernel.py "
                         "--launch-out` writes the fastest ones that agree (default: kernels_m3el.LAUNCH)")
@@ -120,16 +134,16 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_kb_with_mentions(model, num_entities: int, num_mentions: int, device, seed: int):
-    """Random entity features, an `EntityIndex` of them, and mentions that are noisy copies of random gold entities:
-    (index, mention features, gold entity ids)."""
+def random_kb_with_mentions(model, num_entities: int, num_mentions: int, device, seed: int, noise: float):
+    """Random entity features, an `EntityIndex` of them, and mentions that are noisy copies of random gold entities
+    (features + `noise` * N(0, 1)): (index, mention features, gold entity ids)."""
     from modeling_m3el.index_m3el import EntityIndex
 
     generator = generator_for(device, seed + num_entities)
     entities = random_features(model.config, num_entities, device, generator)
     gold = torch.randint(0, num_entities, (num_mentions,), generator=generator, device=device)
-    noise = random_features(model.config, num_mentions, device, generator)
-    mentions = M3ELFeatures(**{k: entities[k][gold] + noise[k] for k in entities.keys()})
+    offsets = random_features(model.config, num_mentions, device, generator)
+    mentions = M3ELFeatures(**{k: entities[k][gold] + noise * offsets[k] for k in entities.keys()})
     ids = [f"E{i}" for i in range(num_entities)]
     return EntityIndex.from_features(model, entities, ids), mentions, [ids[g] for g in gold.tolist()]
 

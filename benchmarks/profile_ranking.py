@@ -13,8 +13,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import add_common_arguments, add_launch_argument, apply_launch, apply_threads, build_model, machine
-from common import feature_shapes, markdown_table, parse_sizes, random_kb_with_mentions, timed, write_json
+from common import add_common_arguments, add_launch_argument, add_noise_argument, apply_launch, apply_threads
+from common import build_model, default_noise, feature_shapes, machine, markdown_table, parse_sizes
+from common import random_kb_with_mentions, timed, write_json
 
 from modeling_m3el import kernels_m3el
 from modeling_m3el.modeling_m3el import M3ELModel
@@ -43,8 +44,8 @@ def grid_steps(model: M3ELModel, num_entities: int, num_mentions: int, dtype: to
 
 
 def main(argv=None) -> int:
-    parser = add_launch_argument(add_common_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]),
-                                                      sizes="32768"))
+    parser = add_noise_argument(add_launch_argument(add_common_arguments(
+        argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), sizes="32768")))
     parser.add_argument("--mentions", type=int, default=128)
     parser.add_argument("--top", type=int, default=8, help="operations listed per call")
     args = parser.parse_args(argv)
@@ -55,11 +56,13 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     model = build_model(args.model, args.mode, device, args.seed)
-    print(f"# Exact ranker profile: {args.model} model, {args.mode}, {args.mentions} mentions; {machine(device)}")
+    print(f"# Exact ranker profile: {args.model} model, {args.mode}, {args.mentions} mentions (noise "
+          f"{default_noise(args.model, args.noise):g}); {machine(device)}")
     print(f"# fused-kernel launch: {kernels_m3el.LAUNCH}")
     results = []
     for num_entities in parse_sizes(args.sizes):
-        base, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed)
+        base, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed,
+                                                           default_noise(args.model, args.noise))
         for dtype in (torch.float32, torch.bfloat16):
             index = base.to(dtype=dtype)
             calls = {
