@@ -142,6 +142,8 @@ def parse_args(argv=None):
                         "on GPU, 16 on CPU)")
     parser.add_argument("--memory-budget-mib", type=float, default=None, help="exact ranker: attention memory per "
                         "entity chunk (default: 2048 on GPU, 16 on CPU)")
+    parser.add_argument("--cpu-piece-mib", type=float, default=None, help="exact ranker on the CPU: the largest piece "
+                        "its PyTorch path works in, whatever the budget (EntityIndex.cpu_piece_bytes; default 16)")
     parser.add_argument("--fast-dtype", default="bfloat16", help="the fast mode's index dtype ('none': skip)")
     parser.add_argument("--pruned-scoring", choices=("grid", "candidates"), default=None, help="how the pruned "
                         "ranker scores its undecided pairs through the fused kernel (EntityIndex.pruned_scoring)")
@@ -171,6 +173,8 @@ def run(args) -> dict:
     if args.pruned_scoring:
         EntityIndex.pruned_scoring = args.pruned_scoring
     EntityIndex.refine_bounds = not args.no_refine
+    if args.cpu_piece_mib:
+        EntityIndex.cpu_piece_bytes = int(args.cpu_piece_mib * 2**20)
     device = torch.device(args.device)
     model = build_model(args.model, args.mode, device, args.seed)
     config = model.config
@@ -339,10 +343,12 @@ def table(payload: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     payload = run(args)
+    on_cpu = torch.device(args.device).type == "cpu"
     print(f"# Exact ranking vs the authors' loop: {args.model} model, {args.mode}, {payload['machine']}")
     kernel = "the fused Triton kernel" if payload["results"] and payload["results"][0]["fused_g2l_kernel"] else "PyTorch"
+    pieces = f" (on the CPU in pieces of at most {EntityIndex.cpu_piece_bytes / 2**20:g} MiB)" if on_cpu else ""
     print(f"# exact ranker: {args.exact_batch} mentions per call, {args.memory_budget / 2**20:.0f} MiB attention "
-          f"budget, G2L by {kernel}"
+          f"budget{pieces}, G2L by {kernel}"
           + (f" (pruned: {EntityIndex.pruned_scoring})" if kernel != "PyTorch" else "")
           + ("" if EntityIndex.refine_bounds else ", bounds not refined") + "; "
           f"naive: {args.mention_batch} mentions per batch, {args.entity_chunk} entities per chunk")

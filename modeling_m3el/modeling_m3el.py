@@ -386,7 +386,7 @@ def _pair_dot(mention: torch.Tensor, entity: torch.Tensor, candidates: torch.Ten
     if candidates is not None:
         rows = candidates.clamp(min=0)
         if rows.shape[1] * entity.shape[1] < entity.shape[0]:
-            return _pair_dot(mention, entity[rows])
+            return _pair_dot(mention, entity.index_select(0, rows.reshape(-1)).view(*rows.shape, -1))
         return _pair_dot(mention, entity).gather(1, rows)
     mention, entity = _at_least_float32(mention), _at_least_float32(entity)
     if entity.dim() == 2:

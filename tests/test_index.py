@@ -76,6 +76,29 @@ def test_exact_ranker_equals_forward(processor, kb, mentions, mode, chunk_size):
     torch.testing.assert_close(single, expected[1:2], rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_pieces_change_no_result(processor, kb, mentions):
+    # On the CPU the PyTorch path works in pieces of at most `cpu_piece_bytes`, whatever the budget: pieces of one
+    # entity or one candidate give the same scores, ranks and top-k as one piece for everything.
+    model = _model(processor, "bidirectional")
+    expected = _forward_logits(model, processor, mentions, kb)
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    gold, rows = ["Q3", "Q0", "Q12"], torch.tensor([[0, 5, 12, 5], [1, 1, 2, 3], [12, 11, 10, 9]])
+    whole = (index.rank(model, features, gold), index.topk(model, features, k=4),
+             index.score_candidates(model, features, rows))
+    assert index._piece_bytes(2**30) == EntityIndex.cpu_piece_bytes < 2**30
+    index.cpu_piece_bytes = 1
+    assert index._piece_bytes(2**30) == 1 and index.chunk_size_for(3, index._piece_bytes(2**30)) == 1
+    torch.testing.assert_close(index.scores(model, features), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(index.rank(model, features, gold), whole[0])
+    values, top_rows, _ = index.topk(model, features, k=4)
+    torch.testing.assert_close(values, whole[1][0])
+    assert torch.equal(top_rows, whole[1][1])
+    torch.testing.assert_close(index.score_candidates(model, features, rows), whole[2])
+    torch.testing.assert_close(whole[2], expected.gather(1, rows), rtol=1e-5, atol=1e-5)
+
+
 def test_ranks_and_topk_follow_the_spec(processor, kb, mentions):
     model = _model(processor, "text_to_image")
     index = EntityIndex.build(model, processor, kb, progress=False)
