@@ -8,16 +8,19 @@ kernels' share of the call, and their rate: (mention, entity) pairs per second a
 """
 
 import argparse
+import contextlib
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import add_common_arguments, add_launch_argument, add_noise_argument, apply_launch, apply_threads
 from common import build_model, default_noise, feature_shapes, machine, markdown_table, parse_sizes
-from common import random_kb_with_mentions, timed, write_json
+from common import random_kb_with_mentions, synchronize, timed, write_json
 
 from modeling_m3el import kernels_m3el
+from modeling_m3el.index_m3el import EntityIndex
 from modeling_m3el.modeling_m3el import M3ELModel
 
 FUSED = ("_g2l_grid_kernel", "_g2l_candidates_kernel")  # the fused kernels' names (the grid's; the pruned pairs')
@@ -31,6 +34,72 @@ def device_times(prof, cuda: bool) -> list[tuple[str, float, int]]:
         if total > 0:
             rows.append((event.key, total, event.count))
     return sorted(rows, key=lambda row: -row[1])
+
+
+@contextlib.contextmanager
+def phase_timers(model: M3ELModel, device):
+    """
+    Time the pruned ranker's phases while inside: yields a dict, phase -> seconds, each phase's time exclusive of
+    the phases it calls (the device drained at every boundary, so the phases add up to a little more than an untimed
+    call). The phases are the methods `rank` and `topk` call, wrapped for the duration.
+    """
+    totals: dict[str, float] = {}
+    nested: list[float] = []  # per open phase: the time of the phases it called
+
+    def timed_phase(original, label):
+        def call(*args, **kwargs):
+            name = label(*args, **kwargs)
+            synchronize(device)
+            nested.append(0.0)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                synchronize(device)
+                elapsed = time.perf_counter() - start
+                totals[name] = totals.get(name, 0.0) + elapsed - nested.pop()
+                if nested:
+                    nested[-1] += elapsed
+        return call
+
+    def needed_label(*args, **kwargs):  # EntityIndex._score_needed(self, model, mentions, start, stop, needed, budget,
+        block = kwargs.get("block", args[7] if len(args) > 7 else None)  # block=None, known=None)
+        return f"G2L block `{block}` of the pairs to refine" if block else "the undecided pairs (and gold) in full"
+
+    wrapped = [
+        (model, "mention_spans", lambda *a, **k: "mention spans (float64 QR)"),
+        (model, "score_bounds", lambda *a, **k: "bounds (dot products, G2L intervals)"),
+        (EntityIndex, "_refine", lambda *a, **k: "refinement's bookkeeping (narrowed bounds)"),
+        (EntityIndex, "_score_needed", needed_label),
+        (EntityIndex, "_score_pairs", lambda *a, **k: "pairs by PyTorch, gathered (the gold pairs; all on the CPU)"),
+        (EntityIndex, "_count_steps", lambda *a, **k: "counting program steps (stats only)"),
+    ]
+    originals = [getattr(owner, name) for owner, name, _ in wrapped]  # the class's functions, the model's methods
+    for (owner, name, label), original in zip(wrapped, originals):
+        setattr(owner, name, timed_phase(original, label))
+    try:
+        yield totals
+    finally:
+        for (owner, name, _), original in zip(wrapped, originals):
+            if isinstance(owner, type):
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # the instance attribute goes; the class's method shows again
+
+
+def print_phases(row: dict, call, model: M3ELModel, device, seconds: float) -> None:
+    """One more `rank` call with `phase_timers`: each phase's time and share of the untimed call, into `row` too."""
+    timed_wall = time.perf_counter()
+    with phase_timers(model, device) as phases:
+        call()
+        synchronize(device)
+    timed_wall = time.perf_counter() - timed_wall
+    phases["the rest (masks, comparisons, lists)"] = timed_wall - sum(phases.values())
+    row["phases_ms"] = {phase: 1000 * value for phase, value in phases.items()}
+    print(f"\nrank() by phase (one more call, the device drained between phases: {1000 * timed_wall:.1f} ms in all, "
+          f"untimed {1000 * seconds:.1f} ms):\n")
+    print(markdown_table(["phase", "ms", "share"], [[phase, f"{1000 * value:.2f}", f"{100 * value / timed_wall:.1f}%"]
+                                                    for phase, value in sorted(phases.items(), key=lambda p: -p[1])]))
 
 
 def grid_steps(model: M3ELModel, num_entities: int, num_mentions: int, dtype: torch.dtype) -> int:
@@ -112,6 +181,8 @@ def main(argv=None) -> int:
                 print(markdown_table(["operation", "device ms" if cuda else "CPU ms (self)", "calls"],
                                      [[key[:70], f"{total / 1000:.2f}", count] for key, total, count in
                                       times[: args.top]]))
+                if name == "rank":
+                    print_phases(row, call, model, device, seconds)
     write_json(args.json, {"machine": machine(device), "args": vars(args), "results": results})
     return 0
 

@@ -63,7 +63,14 @@ def test_ranking_profile_breaks_the_calls_down(tmp_path):
             assert result["pairs_scored"] == 8 * 300  # every (mention, entity) pair
         else:
             assert 0 < result["pairs_scored"] < 8 * 300  # pruned
+            # one more call timed by phase, each phase exclusive of those it calls, the rest what none of them took
+            phases = result["phases_ms"]
+            for phase in ("bounds (dot products, G2L intervals)", "mention spans (float64 QR)",
+                          "pairs by PyTorch, gathered (the gold pairs; all on the CPU)"):
+                assert phases[phase] > 0
+            assert phases["the rest (masks, comparisons, lists)"] >= 0
     assert "## 300 entities, float32 index, rank():" in stdout
+    assert "rank() by phase" in stdout
 
 
 def test_entity_encoding_benchmark_builds_the_index(tmp_path):
