@@ -405,7 +405,8 @@ class EntityIndex:
         on the CPU at most `cpu_piece_bytes`. There, larger pieces do not save time but lose it: each fresh
         allocation of hundreds of MiB is paged in anew and leaves the caches (B/32 widths, 20,000 entities, one
         thread: `rank` 3.1 s in pieces of up to 1 GiB, half of it in page faults, 1.5 s in pieces of 16 MiB;
-        at 4,000 entities `scores`, `score_candidates` and `topk` 1.4-2.3x faster too). On a GPU the budget is used whole: fewer, larger launches.
+        at 4,000 entities `scores`, `score_candidates` and `topk` 1.4-2.3x faster too). On a GPU the budget is used
+        whole: fewer, larger launches.
         """
         if self.device.type == "cpu":
             return min(memory_budget_bytes, self.cpu_piece_bytes)
