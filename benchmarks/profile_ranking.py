@@ -71,7 +71,8 @@ def phase_timers(model: M3ELModel, device):
         (model, "score_bounds", lambda *a, **k: "bounds (dot products, G2L intervals)"),
         (EntityIndex, "_refine", lambda *a, **k: "refinement's bookkeeping (narrowed bounds)"),
         (EntityIndex, "_score_needed", needed_label),
-        (EntityIndex, "_score_pairs", lambda *a, **k: "pairs by PyTorch, gathered (the gold pairs; all on the CPU)"),
+        (EntityIndex, "_score_pairs",
+         lambda *a, **k: "pairs gathered, by PyTorch (the gold pairs; without the kernel, all)"),
         (EntityIndex, "_count_steps", lambda *a, **k: "counting program steps (stats only)"),
     ]
     originals = [getattr(owner, name) for owner, name, _ in wrapped]  # the class's functions, the model's methods
