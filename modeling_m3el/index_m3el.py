@@ -186,6 +186,43 @@ class EntityIndex:
             rows.append(self._position[entity_id])
         return torch.tensor(rows, dtype=torch.long)
 
+    def select(self, entity_ids: Iterable[str]) -> "EntityIndex":
+        """
+        An index of these entities alone, in this order (their rows copied), for the same model: e.g. a KB without
+        its retired entities. An unknown id raises a KeyError naming it; a repeated id, or none at all, a ValueError.
+        """
+        rows = self.positions(entity_ids).to(self.device)
+        tensors = {name: tensor.index_select(0, rows) for name, tensor in self.tensors.items()}
+        return EntityIndex(tensors, [self.entity_ids[row] for row in rows.tolist()], self.fingerprint)
+
+    @classmethod
+    def concat(cls, indexes: Sequence["EntityIndex"]) -> "EntityIndex":
+        """
+        One index of the entities of several, in order: e.g. a KB's index and one built for its new entities with
+        the same model, so that only the new entities are encoded. They must come from the same model (else
+        `StaleIndexError`) and have the same dtype and device (`to`); an id in two of them raises a ValueError.
+        """
+        indexes = list(indexes)
+        if not indexes:
+            raise ValueError("concat needs at least one EntityIndex")
+        first = indexes[0]
+        for position, index in enumerate(indexes[1:], start=1):
+            if index.fingerprint != first.fingerprint:
+                raise StaleIndexError(
+                    f"index {position} of concat was built with another model than index 0 (fingerprint "
+                    f"{index.fingerprint}, index 0: {first.fingerprint}); rebuild it with index 0's model"
+                )
+            if (index.dtype, index.device) != (first.dtype, first.device):
+                raise ValueError(
+                    f"index {position} of concat is {index.dtype} on {index.device}, index 0 {first.dtype} on "
+                    f"{first.device}: bring them to one with EntityIndex.to(device=..., dtype=...)"
+                )
+            if index.tensors.keys() != first.tensors.keys():  # (the same model makes the same tensors)
+                raise ValueError(f"index {position} of concat holds other tensors than index 0: "
+                                 f"{sorted(index.tensors)} against {sorted(first.tensors)}")
+        tensors = {name: torch.cat([index.tensors[name] for index in indexes]) for name in first.tensors}
+        return cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint)
+
     # ------------------------------------------------------------------------------------------------ build
 
     @classmethod

@@ -167,6 +167,40 @@ def test_index_keeps_only_what_scoring_needs(processor, kb):
     assert index.to(dtype=torch.bfloat16).nbytes * 2 == index.nbytes
 
 
+def test_kb_updates_by_concat_and_select(processor, kb, mentions):
+    # New entities are encoded alone and appended; retired ones dropped: the same index as building the KB anew.
+    model = _model(processor, "bidirectional")
+    whole = EntityIndex.build(model, processor, kb, progress=False)
+    grown = EntityIndex.concat([EntityIndex.build(model, processor, kb[:8], progress=False),
+                                EntityIndex.build(model, processor, kb[8:], batch_size=2, progress=False)])
+    assert grown.entity_ids == whole.entity_ids and grown.fingerprint == whole.fingerprint
+    for name, tensor in whole.tensors.items():
+        torch.testing.assert_close(grown.tensors[name], tensor, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    kept = ["Q12", "Q0", "Q5", "Q3"]  # any order
+    subset = grown.select(kept)
+    assert subset.entity_ids == kept and len(subset) == 4
+    scores = whole.scores(model, features)
+    torch.testing.assert_close(subset.scores(model, features), scores[:, [12, 0, 5, 3]], rtol=1e-5, atol=1e-5)
+    assert torch.equal(subset.rank(model, features, ["Q3", "Q0", "Q12"]),
+                       (scores[:, [12, 0, 5, 3]] >= scores[:, [3, 0, 12]].diagonal()[:, None]).sum(dim=1))
+    # what cannot be joined or selected, said
+    with pytest.raises(StaleIndexError, match="index 1 of concat was built with another model"):
+        EntityIndex.concat([whole, EntityIndex.build(_model(processor, "bidirectional", seed=1), processor, kb[:1],
+                                                     progress=False)])
+    with pytest.raises(ValueError, match="index 1 of concat is torch.bfloat16"):
+        EntityIndex.concat([subset, whole.select(["Q1"]).to(dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match=r"duplicate entity ids in the index: \['Q5'\]"):
+        EntityIndex.concat([subset, whole.select(["Q5"])])
+    with pytest.raises(ValueError, match="at least one"):
+        EntityIndex.concat([])
+    with pytest.raises(KeyError, match="'Q99' is not in the index"):
+        whole.select(["Q1", "Q99"])
+    with pytest.raises(ValueError, match="needs at least one entity"):
+        whole.select([])
+
+
 def test_stale_index_is_refused(processor, kb, tmp_path):
     model = _model(processor, "text_to_image")
     EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
