@@ -44,17 +44,78 @@ def _eval(args) -> int:
     return 0
 
 
+DIGESTS_FILE = "kb_digests.json"  # beside an index `m3el index` wrote: what each entity's content was
+
+
+def _entity_digest(row: dict) -> str:
+    """A digest of what an entity's encoding depends on: its name, description and image (the file's bytes)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for text in (row["name"], row["description"]):
+        digest.update(text.encode() + b"\0")
+    image = row.get("image")
+    if isinstance(image, str) and os.path.isfile(image):
+        with open(image, "rb") as f:
+            digest.update(f.read())
+    else:  # no image, or a missing file (encoded as the all-zero image)
+        digest.update(b"no image" if image is None else f"missing {image}".encode())
+    return digest.hexdigest()
+
+
 def _index(args) -> int:
     from .data import load_benchmark
     from .evaluation import index_rows
-    from .index_m3el import EntityIndex
+    from .index_m3el import INDEX_META, EntityIndex, StaleIndexError
 
     model, processor = _load_model(args.model, args.dtype, args.device)
     benchmark = load_benchmark(args.data, splits=[])
-    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), batch_size=args.entity_batch_size)
+    rows = index_rows(benchmark.entities)
+    digests = {str(row["id"]): _entity_digest(row) for row in rows}
+    digests_path = os.path.join(args.output, DIGESTS_FILE)
+    previous, indexed, reused = None, set(), []
+    if args.update and os.path.isfile(os.path.join(args.output, INDEX_META)):
+        try:
+            previous = EntityIndex.load(args.output, model, device=model.device)
+        except StaleIndexError as error:
+            raise SystemExit(f"error: --update: {error}") from None
+        try:
+            with open(digests_path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"error: --update: {digests_path} cannot be read ({error}), so which entities changed "
+                             "is unknown; index without --update") from None
+        if saved.get("fingerprint") != previous.fingerprint:
+            raise SystemExit(f"error: --update: {digests_path} does not belong to the index beside it (an "
+                             "interrupted run?); index without --update")
+        indexed = set(previous.entity_ids)
+        reused = [i for i, digest in digests.items() if i in indexed and saved["entities"].get(i) == digest]
+    reused_ids = set(reused)
+    fresh = [row for row in rows if str(row["id"]) not in reused_ids]
+    parts = [previous.select(reused)] if reused else []
+    if fresh:
+        dtype = parts[0].dtype if parts else None
+        parts.append(EntityIndex.build(model, processor, fresh, batch_size=args.entity_batch_size, dtype=dtype))
+    index = EntityIndex.concat(parts).select(list(digests)) if len(parts) > 1 else parts[0]
     index.save(args.output)
-    print(f"{index} saved in {args.output}")
+    # after the index: a crash between the two leaves the old digests, which only make entities be encoded again
+    _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "entities": digests})
+    summary = ""
+    if args.update and previous is None:
+        summary = " (no index there yet: every entity encoded)"
+    elif args.update:
+        new, dropped = len(digests.keys() - indexed), len(indexed - digests.keys())
+        summary = (f" ({len(reused)} entities reused; {len(fresh)} encoded: {new} new, {len(fresh) - new} changed; "
+                   f"{dropped} dropped)")
+    print(f"{index} saved in {args.output}{summary}")
     return 0
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
+    os.replace(temporary, path)
 
 
 def _convert(args) -> int:
@@ -161,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="encode a benchmark's KB into an entity index folder")
     model_arguments(index)
     index.add_argument("--output", required=True, help="folder for entity_index.safetensors and entity_index.json")
+    index.add_argument("--update", action="store_true", help="reuse the index already in --output (same model): "
+                       "encode only the entities that are new or whose name, description or image changed, drop "
+                       "those no longer in the KB")
     index.set_defaults(handler=_index)
 
     convert = commands.add_parser(

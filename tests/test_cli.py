@@ -56,3 +56,54 @@ def test_help_for_every_command():
         result = subprocess.run([sys.executable, "-m", "modeling_m3el.cli", *command, "--help"], capture_output=True,
                                 text=True)
         assert result.returncode == 0 and "usage: m3el" in result.stdout
+
+
+def _write_kb(folder, entities):
+    folder.mkdir(exist_ok=True)
+    lines = [json.dumps({"id": i, "name": name, "description": text, "images": [image] if image else []})
+             for i, name, text, image in entities]
+    (folder / "entities.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _png(path, colour):
+    from PIL import Image
+
+    Image.new("RGB", (12, 12), colour).save(path)
+    return path.name
+
+
+def test_index_update_encodes_only_what_changed(saved, tmp_path, capsys):
+    root, _, model, processor = saved
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    entities = [(f"E{i}", f"name {i}", f"river bank {i}", _png(kb / f"e{i}.png", (40 * i, 0, 0)) if i % 3 else None)
+                for i in range(1, 7)]
+    _write_kb(kb, entities)
+    command = ["index", "--model", str(root / "model"), "--data", str(kb), "--output", str(tmp_path / "index")]
+    assert main(command + ["--update"]) == 0  # no index there yet: all encoded
+    assert "(no index there yet: every entity encoded)" in capsys.readouterr().out
+    # E2 leaves the KB, E3's description and E4's image change, E7 and E8 are new, and the order changes
+    _png(kb / "e4.png", (0, 200, 0))
+    entities = [entities[0], ("E3", "name 3", "river bank, now a city", None), entities[3], ("E8", "name 8",
+                "city", _png(kb / "e8.png", (9, 9, 9))), entities[5], entities[4], ("E7", "name 7", "bank", None)]
+    _write_kb(kb, entities)
+    assert main(command + ["--update"]) == 0
+    assert "(3 entities reused; 4 encoded: 2 new, 2 changed; 1 dropped)" in capsys.readouterr().out
+    updated = EntityIndex.load(tmp_path / "index", model)
+    rows = index_rows(load_benchmark(str(kb), splits=[]).entities)
+    fresh = EntityIndex.build(model, processor, rows, progress=False)
+    assert updated.entity_ids == fresh.entity_ids == ["E1", "E3", "E4", "E8", "E6", "E5", "E7"]
+    for name, tensor in fresh.tensors.items():
+        torch.testing.assert_close(updated.tensors[name], tensor, rtol=1e-5, atol=1e-5)
+    assert main(command + ["--update"]) == 0  # nothing changed: nothing encoded
+    assert "(7 entities reused; 0 encoded: 0 new, 0 changed; 0 dropped)" in capsys.readouterr().out
+    # another model's index is not updated, it is refused; so is an index whose digests are gone
+    other = root / "other-model"
+    torch.manual_seed(1)
+    M3ELModel(tiny_config(processor)).save_pretrained(other)
+    processor.save_pretrained(other)
+    with pytest.raises(SystemExit, match="--update: .*built with another model"):
+        main(["index", "--model", str(other), "--data", str(kb), "--output", str(tmp_path / "index"), "--update"])
+    (tmp_path / "index" / "kb_digests.json").unlink()
+    with pytest.raises(SystemExit, match="kb_digests.json cannot be read"):
+        main(command + ["--update"])
