@@ -73,7 +73,7 @@ class TrainingConfig:
     early_stopping_patience: int = 3  # evaluations without a better dev MRR before stopping
     eval_batch_size: int = 64
     entity_batch_size: int = 256
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes for training batches; threads reading images for evaluation
     # output
     output_dir: str = "m3el-demo"
     checkpointing_steps: int | None = None  # also checkpoint every N optimiser steps, not only every epoch
@@ -323,11 +323,12 @@ def evaluate_split(accelerator, model, processor, benchmark, split: str, config:
     with accelerator.autocast():
         index = EntityIndex.build(
             model, processor, entities, batch_size=config.entity_batch_size,
-            progress=accelerator.is_local_main_process, accelerator=accelerator,
+            progress=accelerator.is_local_main_process, accelerator=accelerator, num_workers=config.num_workers,
         )
         ranks = gold_ranks(
             model, processor, index, benchmark.splits[split], batch_size=config.eval_batch_size,
             accelerator=accelerator, progress=accelerator.is_local_main_process, description=f"Ranking {split}",
+            num_workers=config.num_workers,
         )
     metrics = ranking_metrics(ranks)
     model.train()

@@ -10,7 +10,7 @@
 #   4. (issue 4 c) entity encoding from preprocessed tensors
 #   5. (issue 4 b) two-stage retrieval at 1M entities, then at 100k
 #   6. extras: the exact ranker with PyTorch's G2L instead of the kernel; the training step with bf16 autocast alone
-#      (the authors' bf16 setting) and with torch.compile
+#      (the authors' bf16 setting) and with torch.compile; entity encoding from image files with reading threads
 # `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 5-6 minutes (BUDGET_S default 380):
 # its check and launch variants, exact ranking at WikiMEL's size, a profile of the ranker's calls, exact ranking again
 # with the pruned pairs by the masked grid and without refined bounds, and two-stage retrieval, all with the fastest
@@ -128,5 +128,7 @@ M3EL_G2L_KERNEL=torch bench bench_exact_ranking exact_ranking_110k_pytorch_g2l 5
 # ... and the training step with bf16 autocast alone (the authors' bf16 setting) and with torch.compile.
 bench bench_training training_b32_batch128_more 150 --model b32 --batch 128 --steps 50 --warmup 5 \
   --variants bfloat16,bfloat16+fused+compile
+# ... and EntityIndex.build from JPEG files with 0, 4, 8 and 15 threads reading the images ahead of the model.
+bench bench_image_reading image_reading_b32 60 --model b32 --sizes 4096 --workers 4,8,15 --batch-size 256
 echo -e "\n(run_gpu.sh: $((SECONDS - START)) s)" | tee -a "$TABLES"
 exit $status

@@ -32,9 +32,10 @@ def _eval(args) -> int:
         if index.entity_ids != list(benchmark.entities["id"]):
             raise SystemExit(f"error: the index in {args.index} does not hold the entities of {args.data}")
     else:
-        index = EntityIndex.build(model, processor, index_rows(benchmark.entities), batch_size=args.entity_batch_size)
+        index = EntityIndex.build(model, processor, index_rows(benchmark.entities), batch_size=args.entity_batch_size,
+                                  num_workers=args.num_workers)
     ranks = gold_ranks(model, processor, index, benchmark.splits[args.split], batch_size=args.batch_size,
-                       description=f"Ranking {args.split}")
+                       description=f"Ranking {args.split}", num_workers=args.num_workers)
     results = {"model": args.model, "data": args.data, "split": args.split, "entities": len(index),
                **ranking_metrics(ranks)}
     print(json.dumps(results, indent=1))
@@ -95,7 +96,8 @@ def _index(args) -> int:
     parts = [previous.select(reused)] if reused else []
     if fresh:
         dtype = parts[0].dtype if parts else None
-        parts.append(EntityIndex.build(model, processor, fresh, batch_size=args.entity_batch_size, dtype=dtype))
+        parts.append(EntityIndex.build(model, processor, fresh, batch_size=args.entity_batch_size, dtype=dtype,
+                                       num_workers=args.num_workers))
     index = EntityIndex.concat(parts).select(list(digests)) if len(parts) > 1 else parts[0]
     index.save(args.output)
     # after the index: a crash between the two leaves the old digests, which only make entities be encoded again
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="float32: exact ranking; bfloat16/float16: faster, approximate")
         sub.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
         sub.add_argument("--entity-batch-size", type=int, default=256)
+        sub.add_argument("--num-workers", type=int, default=4, help="threads reading and resizing images ahead of "
+                         "the model (0: in the main thread)")
 
     evaluate = commands.add_parser("eval", help="rank a split's gold entities against the whole KB: MR, MRR, Hits@k")
     model_arguments(evaluate)

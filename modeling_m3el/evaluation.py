@@ -38,11 +38,13 @@ def gold_ranks(
     accelerator=None,
     progress: bool = True,
     description: str = "Ranking",
+    num_workers: int = 0,
 ) -> np.ndarray:
     """
     Rank of each mention's gold entity among all entities of `index`, in the order of `mentions` (rows with
     `mention`, `sentence`, `image`, `answer`). With an Accelerate `accelerator` of several processes, each process
-    ranks a contiguous share and every process receives all the ranks.
+    ranks a contiguous share and every process receives all the ranks. `num_workers` threads read the images of the
+    next batches while the current one is ranked (`M3ELProcessor.prefetched`).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     total = len(mentions)
@@ -50,16 +52,17 @@ def gold_ranks(
         raise ValueError("no mentions to rank")
     share = -(-total // world)
     start, stop = min(rank * share, total), min((rank + 1) * share, total)
-    batches = range(start, stop, batch_size)
+    slices = [mentions[first : min(first + batch_size, stop)] for first in range(start, stop, batch_size)]
+    batches = zip(slices, processor.prefetched(
+        "mention", ((rows["mention"], rows["sentence"], rows["image"]) for rows in slices), num_workers
+    ))
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=description, unit="batch")
+        batches = tqdm(batches, desc=description, unit="batch", total=len(slices))
     local = []
-    for first in batches:
-        rows = mentions[first : min(first + batch_size, stop)]
-        inputs = processor.process_mentions(rows["mention"], rows["sentence"], rows["image"]).to(model.device)
-        features = model.encode(**inputs)
+    for rows, inputs in batches:
+        features = model.encode(**inputs.to(model.device))
         local.append(index.rank(model, features, rows["answer"]).cpu())
     local = torch.cat(local) if local else torch.zeros(0, dtype=torch.long)
     if world > 1:

@@ -301,11 +301,14 @@ class EntityIndex:
         device: torch.device | str | None = None,
         progress: bool = True,
         accelerator=None,
+        num_workers: int = 0,
     ) -> "EntityIndex":
         """
         Encode a KB in batches. `entities`: dicts with `id`, `name`, `description` and `image` (a path, PIL image,
         bytes or None; the first image of an entity, as in evaluation). The index is kept in `dtype`
-        (default: the model's) on `device` (default: the model's).
+        (default: the model's) on `device` (default: the model's). `num_workers` threads read and resize the images
+        of the next batches while the model encodes the current one (`M3ELProcessor.prefetched`): from image files,
+        reading them is most of the work unless the model runs on a GPU.
 
         With an Accelerate `accelerator` of several processes, each process encodes a contiguous share of the KB
         and every process receives the whole index.
@@ -321,20 +324,18 @@ class EntityIndex:
         share = -(-len(entities) // world)
         local = entities[rank * share : (rank + 1) * share]
         parts: dict[str, list[torch.Tensor]] = {}
-        batches = range(0, len(local), batch_size)
+        chunks = [local[start : start + batch_size] for start in range(0, len(local), batch_size)]
+        batches = processor.prefetched("entity", (
+            ([e["name"] for e in chunk], [e["description"] for e in chunk], [e.get("image") for e in chunk],
+             [f"entity {e['id']!r} image {e.get('image')!r}" for e in chunk])
+            for chunk in chunks
+        ), num_workers)
         if progress and rank == 0:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="Indexing entities", unit="batch")
-        for start in batches:
-            chunk = local[start : start + batch_size]
-            inputs = processor.process_entities(
-                [e["name"] for e in chunk],
-                [e["description"] for e in chunk],
-                [e.get("image") for e in chunk],
-                image_names=[f"entity {e['id']!r} image {e.get('image')!r}" for e in chunk],
-            ).to(model_device)
-            _add_prepared(parts, model, model.encode(**inputs, side="entity"), dtype=dtype)
+            batches = tqdm(batches, desc="Indexing entities", unit="batch", total=len(chunks))
+        for inputs in batches:
+            _add_prepared(parts, model, model.encode(**inputs.to(model_device), side="entity"), dtype=dtype)
         if not parts:  # this process's share is empty (more processes than entities): shapes from one entity
             probe = cls.build(model, processor, entities[:1], batch_size=1, dtype=dtype, progress=False)
             parts = {name: [tensor[:0].to(model_device)] for name, tensor in probe.tensors.items()}

@@ -73,6 +73,13 @@ def test_ranking_profile_breaks_the_calls_down(tmp_path):
     assert "rank() by phase" in stdout
 
 
+def test_image_reading_benchmark_builds_the_same_index_with_threads(tmp_path):
+    stdout, payload = _run("bench_image_reading.py", tmp_path)
+    assert [(r["entities"], r["workers"]) for r in payload["results"]] == [(24, 0), (24, 2)]
+    assert all(r["identical"] and r["entities_per_s"] > 0 for r in payload["results"])
+    assert "| 24 | 2 |" in stdout
+
+
 def test_entity_encoding_benchmark_builds_the_index(tmp_path):
     stdout, payload = _run("bench_entity_encoding.py", tmp_path)
     (result,) = payload["results"]

@@ -173,9 +173,12 @@ def test_kb_updates_by_concat_and_select(processor, kb, mentions):
     whole = EntityIndex.build(model, processor, kb, progress=False)
     grown = EntityIndex.concat([EntityIndex.build(model, processor, kb[:8], progress=False),
                                 EntityIndex.build(model, processor, kb[8:], batch_size=2, progress=False)])
-    assert grown.entity_ids == whole.entity_ids and grown.fingerprint == whole.fingerprint
-    for name, tensor in whole.tensors.items():
-        torch.testing.assert_close(grown.tensors[name], tensor, rtol=1e-6, atol=1e-6)
+    # (and images read by two threads ahead of the model: the same index)
+    threaded = EntityIndex.build(model, processor, kb, batch_size=3, num_workers=2, progress=False)
+    for index in (grown, threaded):
+        assert index.entity_ids == whole.entity_ids and index.fingerprint == whole.fingerprint
+        for name, tensor in whole.tensors.items():
+            torch.testing.assert_close(index.tensors[name], tensor, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         features = model.encode(**mentions)
     kept = ["Q12", "Q0", "Q5", "Q3"]  # any order

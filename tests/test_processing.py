@@ -117,6 +117,41 @@ def test_unreadable_image_warns_names_it_and_counts(tmp_path):
         processor.process_entities("e", "d", b"\x00\x01garbage")
 
 
+@pytest.mark.parametrize("num_workers", [0, 1, 3])
+def test_prefetched_batches_equal_one_by_one(tmp_path, num_workers):
+    # Images read in threads ahead of use: the same inputs, in order, the unreadable ones warned about and counted.
+    processor = tiny_processor(words=("paris", "hilton"), image_size=SIZE)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths = []
+    for i in range(11):
+        paths.append(str(tmp_path / f"{i}.png"))
+        random_image(i, size=(30 + i, 20 + 2 * i)).save(paths[-1])
+    images = paths[:4] + [str(broken), None] + paths[4:] + [str(broken)]
+    names = [f"paris {i}" for i in range(len(images))]
+    batches = [(names[i : i + 3], ["hilton"] * len(names[i : i + 3]), images[i : i + 3]) for i in range(0, 13, 3)]
+    reference = tiny_processor(words=("paris", "hilton"), image_size=SIZE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (its own warnings about the broken image)
+        expected = [reference.process_entities(*batch) for batch in batches]
+    with pytest.warns(UserWarning, match="broken.jpg") as record:
+        outputs = list(processor.prefetched("entity", iter(batches), num_workers=num_workers))
+    assert len(outputs) == len(expected) == 5 and sum(1 for w in record if "broken.jpg" in str(w.message)) == 2
+    for got, want in zip(outputs, expected):
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert processor.num_unreadable_images == 2
+    mentions = list(processor.prefetched("mention", [(["paris"], ["s"], [paths[0]], ["the post's image"])],
+                                         num_workers))
+    assert torch.equal(mentions[0]["input_ids"], processor.process_mentions(["paris"], ["s"], [paths[0]])["input_ids"])
+    # a bad batch raises where it is reached, in the caller's thread
+    with pytest.raises(ValueError, match="got 1 images for 2 texts"):
+        list(processor.prefetched("entity", [(["a", "b"], ["c", "d"], [None])], num_workers))
+    with pytest.raises(ValueError, match="side must be"):
+        next(processor.prefetched("kb", [], num_workers))
+
+
 def test_call_builds_model_inputs_for_both_sides(processor):
     inputs = processor(
         mentions=["paris", "hilton"],
