@@ -161,6 +161,7 @@ def _export_arguments(sub):
                           "results and the Space); none: no images")
     sub.add_argument("--examples", type=int, default=3, help="example test mentions shipped with the model")
     sub.add_argument("--device", default=None, help="device that encodes the KB (default: cpu)")
+    sub.add_argument("--num-workers", type=int, default=4, help="threads reading the KB's images ahead of the model")
 
 
 def _export(args) -> int:
@@ -169,6 +170,7 @@ def _export(args) -> int:
     folder = build_hub_folder(
         args.run, args.output, data_dir=args.data, repo_id=args.repo_id, dataset_id=args.dataset_id,
         entity_images=args.entity_images, num_examples=args.examples, device=args.device, overwrite=args.overwrite,
+        num_workers=args.num_workers,
     )
     print(f"Publishable folder in {folder}")
     return 0
@@ -187,7 +189,7 @@ def _push(args) -> int:
             folder = build_hub_folder(
                 source, args.build_dir or os.path.join(scratch, "folder"), data_dir=args.data, repo_id=args.repo_id,
                 dataset_id=args.dataset_id, entity_images=args.entity_images, num_examples=args.examples,
-                device=args.device, overwrite=args.build_dir is not None,
+                device=args.device, overwrite=args.build_dir is not None, num_workers=args.num_workers,
             )
         result = push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.commit_message,
                              token=args.token, dry_run=args.dry_run)

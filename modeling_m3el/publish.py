@@ -64,6 +64,7 @@ def build_hub_folder(
     device: str | None = None,
     entity_batch_size: int = 256,
     overwrite: bool = False,
+    num_workers: int = 0,
 ) -> str:
     """
     Build the publishable folder of a training run (see the module docstring) and return its path.
@@ -77,6 +78,7 @@ def build_hub_folder(
         entity_images: `"thumbnail"`: small JPEG copies of each entity's first image, so that results and the
             Space can show them; `"none"`: no images (the KB's own paths are local to the training machine).
         num_examples: example mentions from the test split (with images) shipped for the card and the Space.
+        num_workers: threads reading the KB's images ahead of the model (`EntityIndex.build`).
     """
     from . import M3ELModel, M3ELProcessor
     from .data import MELDataError, load_benchmark
@@ -131,7 +133,8 @@ def build_hub_folder(
         metadata.append({"id": row["id"], "name": row["name"], "description": row["description"], "images": images})
 
     # 3. The index, and the pipeline that saves model, processor, code, index and metadata together.
-    index = EntityIndex.build(model.to(device or "cpu"), processor, rows, batch_size=entity_batch_size)
+    index = EntityIndex.build(model.to(device or "cpu"), processor, rows, batch_size=entity_batch_size,
+                              num_workers=num_workers)
     linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=metadata,
                                        device=device or "cpu")
     linker.save_pretrained(temporary)
