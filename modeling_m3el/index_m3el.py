@@ -307,8 +307,8 @@ class EntityIndex:
         Encode a KB in batches. `entities`: dicts with `id`, `name`, `description` and `image` (a path, PIL image,
         bytes or None; the first image of an entity, as in evaluation). The index is kept in `dtype`
         (default: the model's) on `device` (default: the model's). `num_workers` threads read and resize the images
-        of the next batches while the model encodes the current one (`M3ELProcessor.prefetched`): from image files,
-        reading them is most of the work unless the model runs on a GPU.
+        of the next batches while the model encodes the current one (`M3ELProcessor.prefetched`): from image files
+        with the model on a GPU, reading them is most of the work.
 
         With an Accelerate `accelerator` of several processes, each process encodes a contiguous share of the KB
         and every process receives the whole index.

@@ -146,7 +146,7 @@ class M3ELProcessor(ProcessorMixin):
         if num_workers < 0:
             raise ValueError(f"num_workers must be at least 0, got {num_workers}")
 
-        def images(batch: tuple):
+        def read(batch: tuple):  # (texts, (pixel values, has_image))
             texts, images = self._texts(side, *batch[:3])
             return texts, self._images(images, len(texts), batch[3] if len(batch) > 3 else None)
 
@@ -154,10 +154,10 @@ class M3ELProcessor(ProcessorMixin):
         pool = ThreadPoolExecutor(num_workers, thread_name_prefix="m3el-images") if num_workers else None
         pending: deque = deque()
 
-        def submit() -> None:
-            for batch in batches:  # the next batch, if any
-                pending.append(pool.submit(images, batch) if pool is not None else batch)
-                return
+        def submit() -> None:  # the next batch, if any: its images read in a thread (or later, without threads)
+            batch = next(batches, None)
+            if batch is not None:
+                pending.append(pool.submit(read, batch) if pool is not None else batch)
 
         try:
             for _ in range(num_workers + 1):
@@ -165,7 +165,7 @@ class M3ELProcessor(ProcessorMixin):
             while pending:
                 head = pending.popleft()
                 submit()
-                texts, (pixel_values, has_image) = head.result() if pool is not None else images(head)
+                texts, (pixel_values, has_image) = head.result() if pool is not None else read(head)
                 yield self._assemble(self._tokenize(texts), pixel_values, has_image)
         finally:
             if pool is not None:
