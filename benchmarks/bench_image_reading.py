@@ -1,6 +1,6 @@
 """`EntityIndex.build` from image files: entities/s with the images read and resized in the calling thread (as
 before, and as the authors' code did) against reading threads ahead of the model (`num_workers`,
-`M3ELProcessor.prefetched`), in the same run, and whether the indexes are identical.
+`M3ELProcessor.prefetched`), in the same run, and whether the indexes are identical (on a GPU: within 1e-4).
 
 The KB: JPEG photographs-like images (smooth colour fields with grain, 500 x 375, as news and product photos are
 mostly larger than CLIP's 224 px) written to a temporary folder, and short texts. `--model tiny224`: a 2-layer CLIP
@@ -95,21 +95,26 @@ def main(argv=None) -> int:
             run(0)  # warm-up (and the files into the page cache, for every run alike)
             reference, seconds = best_of(lambda: run(0), device, args.repeat)
             row = {"entities": count, "workers": 0, "entities_per_s": count / seconds, "speedup": 1.0,
-                   "identical": True}
+                   "identical": True, "agrees": True}
             results.append(row)
             rows.append([f"{count:,}", "0 (the calling thread)", f"{row['entities_per_s']:,.0f}", "1.00x", "-"])
             for num_workers in workers:
                 index, threaded = best_of(lambda: run(num_workers), device, args.repeat)
                 identical = all(torch.equal(index.tensors[k], t) for k, t in reference.tensors.items())
+                # (on a GPU the same batches may still round differently from run to run: close is enough there)
+                close = all(torch.allclose(index.tensors[k].float(), t.float(), rtol=1e-4, atol=1e-5)
+                            for k, t in reference.tensors.items())
                 row = {"entities": count, "workers": num_workers, "entities_per_s": count / threaded,
-                       "speedup": seconds / threaded, "identical": identical}
+                       "speedup": seconds / threaded, "identical": identical,
+                       "agrees": identical or (close and device.type != "cpu")}
                 results.append(row)
                 rows.append([f"{count:,}", str(num_workers), f"{row['entities_per_s']:,.0f}",
-                             f"**{row['speedup']:.2f}x**", "yes" if identical else "NO"])
+                             f"**{row['speedup']:.2f}x**",
+                             "yes" if identical else "within 1e-4" if row["agrees"] else "NO"])
     print(markdown_table(["entities", "reading threads", "entities/s", "speed-up", "index identical"], rows))
     write_json(args.json, {"benchmark": "image_reading", "machine": machine(device), "args": vars(args),
                            "results": results})
-    if not all(r["identical"] for r in results):
+    if not all(r["agrees"] for r in results):
         print("ERROR: the index built with reading threads differs", file=sys.stderr)
         return 1
     return 0
