@@ -1,8 +1,7 @@
 """`EntityIndex.build` from image files: entities/s with the images read and resized in the calling thread (as
-before, and as the authors' code did) against reading threads ahead of the model (`num_workers`,
-`M3ELProcessor.prefetched`), in the same run, and whether the indexes are identical (on a GPU: within 1e-4).
+before) against reading threads ahead of the model (`num_workers`, `M3ELProcessor.prefetched`), in the same run, and whether the indexes are identical (on a GPU: within 1e-4).
 
-The KB: JPEG photographs-like images (smooth colour fields with grain, 500 x 375, as news and product photos are
+The KB: photograph-like JPEG images (smooth colour fields with grain, 500 x 375, as news and product photos are
 mostly larger than CLIP's 224 px) written to a temporary folder, and short texts. `--model tiny224`: a 2-layer CLIP
 of the tests' widths taking 224 px images in 32 px patches, so that the model's share is small and the images'
 share shows on a CPU; `--model b32`: ViT-B/32 (on a GPU, where the model is fast and reading the images is what is
