@@ -1,5 +1,6 @@
 """`EntityIndex.build` from image files: entities/s with the images read and resized in the calling thread (as
-before) against reading threads ahead of the model (`num_workers`, `M3ELProcessor.prefetched`), in the same run, and whether the indexes are identical (on a GPU: within 1e-4).
+before) against reading threads ahead of the model (`num_workers`, `M3ELProcessor.prefetched`), in the same run,
+and whether the indexes are identical (on a GPU: within 1e-4).
 
 The KB: photograph-like JPEG images (smooth colour fields with grain, 500 x 375, as news and product photos are
 mostly larger than CLIP's 224 px) written to a temporary folder, and short texts. `--model tiny224`: a 2-layer CLIP
