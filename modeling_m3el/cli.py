@@ -77,7 +77,7 @@ def _index(args) -> int:
     previous, indexed, reused = None, set(), []
     if args.update and os.path.isfile(os.path.join(args.output, INDEX_META)):
         try:
-            previous = EntityIndex.load(args.output, model, device=model.device)
+            previous = EntityIndex.load(args.output, model)  # on the CPU, where the index is assembled and saved
         except StaleIndexError as error:
             raise SystemExit(f"error: --update: {error}") from None
         try:
@@ -97,7 +97,7 @@ def _index(args) -> int:
     if fresh:
         dtype = parts[0].dtype if parts else None
         parts.append(EntityIndex.build(model, processor, fresh, batch_size=args.entity_batch_size, dtype=dtype,
-                                       num_workers=args.num_workers))
+                                       device="cpu", num_workers=args.num_workers))
     index = EntityIndex.concat(parts).select(list(digests)) if len(parts) > 1 else parts[0]
     index.save(args.output)
     # after the index: a crash between the two leaves the old digests, which only make entities be encoded again
