@@ -46,27 +46,25 @@ def write_images(folder: str, count: int, size: tuple[int, int], seed: int) -> l
     return paths
 
 
-def build(size: str, device) -> tuple[M3ELModel, M3ELProcessor]:
+def build(size: str, mode: str, device) -> tuple[M3ELModel, M3ELProcessor]:
     """A model with random weights and its processor (224 px images, or 32 px for `--check`'s tiny)."""
     tokenizer = tiny_tokenizer(WORDS)
     image_size = 32 if size == "tiny" else 224
     processor = M3ELProcessor(tiny_image_processor(image_size), tokenizer)
     torch.manual_seed(0)
     if size == "b32":
-        config = M3ELConfig()  # ViT-B/32 (the tiny tokenizer's ids are valid token ids of its vocabulary)
+        config = M3ELConfig(cross_modal=mode)  # ViT-B/32 (the tiny tokenizer's ids are valid token ids of its vocabulary)
     else:
         clip = tiny_clip_config(tokenizer, image_size=image_size, patch_size=8 if size == "tiny" else 32)
-        config = M3ELConfig(clip_config=clip, matching_dim=16, text_max_length=processor.text_max_length)
+        config = M3ELConfig(clip_config=clip, matching_dim=16, text_max_length=processor.text_max_length,
+                            cross_modal=mode)
     return M3ELModel(config).eval().to(device), processor
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, sizes="512")
-    parser.set_defaults(model="tiny224")
-    for action in parser._actions:
-        if action.dest == "model":
-            action.choices = ("tiny", "tiny224", "b32")
+    add_common_arguments(parser, sizes="512", model="tiny224", models={
+        "tiny224": "the tests' CLIP widths taking 224 px images in 32 px patches (a small share for the model)"})
     parser.add_argument("--workers", default="1,2,4", help="comma-separated reading threads to time against 0")
     parser.add_argument("--batch-size", type=int, default=64, help="entities per batch (EntityIndex.build)")
     parser.add_argument("--image-size", default="500x375", help="the JPEG files' width x height")
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
     image_size = tuple(int(v) for v in args.image_size.lower().split("x"))
-    model, processor = build(args.model, device)
+    model, processor = build(args.model, args.mode, device)
     print(f"# EntityIndex.build from {image_size[0]}x{image_size[1]} JPEG files: {args.model} model, batch "
           f"{args.batch_size}; {machine(device)}")
     rows, results = [], []

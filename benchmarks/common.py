@@ -18,12 +18,15 @@ MODEL_SIZES = ("tiny", "b32")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_common_arguments(parser, sizes: str):
-    """`--model`, `--device`, `--sizes`, `--mode`, `--seed`, `--json`, `--repeat`, `--check`."""
+def add_common_arguments(parser, sizes: str, models: dict[str, str] | None = None, model: str = "tiny"):
+    """`--model` (`models`: extra sizes a script builds itself, name -> help; `model`: the default), `--device`,
+    `--sizes`, `--mode`, `--seed`, `--json`, `--repeat`, `--check`."""
+    models = models or {}
     parser.add_argument(
-        "--model", choices=MODEL_SIZES, default="tiny",
+        "--model", choices=MODEL_SIZES + tuple(models), default=model,
         help="tiny: the 2-layer CLIP of the tests (hidden 32, d 16, 17 image tokens); b32: CLIP ViT-B/32's config "
-        "(transformers.CLIPConfig() defaults: text 512, vision 768, projection 512, 50 image tokens), L 40, d 96",
+        "(transformers.CLIPConfig() defaults: text 512, vision 768, projection 512, 50 image tokens), L 40, d 96"
+        + "".join(f"; {name}: {text}" for name, text in models.items()),
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=sizes, help="comma-separated KB sizes (entities)")
