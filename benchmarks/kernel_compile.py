@@ -1,6 +1,7 @@
 """The fused G2L kernel compiled ahead of time for NVIDIA GPUs, on a machine that has none: for every target, dtype
 and G2L block (text, image) of a model, what the launch in `kernels_m3el.py` would compile, and what the compiled code
-uses: registers and stack (spills) per thread, shared memory (and whether it fits the target), and whether the
+uses: registers and stack (spills) per thread, shared memory (and whether it fits the target), the programs an SM
+holds at once by these (occupancy, computed, not measured), and whether the
 attention products run on tensor cores (`wgmma` on Hopper, `mma` on Ampere: half precision, and float32 by TF32x3)
 or on FMA units (float32 with `"precision": "ieee"`). `--launch FILE` compiles other launches (`check_kernel.py`'s
 format).
@@ -34,6 +35,10 @@ POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp1
 # The most shared memory one block may use (opt-in), per compute capability: a kernel that asks for more compiles
 # but fails at launch ("out of resources"), and the ranker then falls back to PyTorch.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Per SM: shared memory (bytes, of which 1 KiB per program is reserved by the driver), registers, warps.
+SM_SHARED = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
+SM_WARPS = {80: 64, 86: 48, 89: 48, 90: 64}
+SM_REGISTERS = 65536
 # PTX's tensor-core matrix products: `wgmma.mma_async` (Hopper's warp-group MMA) and `mma.sync` (Ampere's, which
 # Triton also emits on Hopper for shapes too small for a warp group).
 TENSOR_CORE = re.compile(r"^\s*(wgmma\.mma_async|mma\.sync)\.", re.MULTILINE)
@@ -87,6 +92,15 @@ def resources(cubin: bytes) -> dict:
     return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))}
 
 
+def programs_per_sm(capability: int, registers: int, shared: int, warps: int) -> int:
+    """How many programs of the kernel an SM holds at once (the occupancy calculator's arithmetic: registers
+    allocated per warp in units of 256, shared memory plus the 1 KiB the driver reserves per program, warps)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (SM_REGISTERS // per_warp) // warps
+    by_shared = SM_SHARED.get(capability, 102400) // (shared + 1024)
+    return max(0, min(by_registers, by_shared, SM_WARPS.get(capability, 48) // warps, 32))
+
+
 GRIDS = ("no", "yes", "candidates")  # the grid without a mask, with one, and the candidates kernel
 
 
@@ -110,8 +124,11 @@ def compile_for(capability: int, dtype: torch.dtype, lq: int, lk: int, d: int, g
     )
     seconds = time.perf_counter() - start
     ptx = compiled.asm["ptx"]
+    used = resources(compiled.asm["cubin"])
     return {
-        **resources(compiled.asm["cubin"]),
+        **used,
+        "programs_per_sm": programs_per_sm(capability, used["registers"], int(compiled.metadata.shared),
+                                           options["num_warps"]),
         "shared_bytes": int(compiled.metadata.shared),
         "shared_fits": int(compiled.metadata.shared) <= SHARED_LIMIT.get(capability, 101376),
         "num_warps": options["num_warps"],
@@ -156,11 +173,12 @@ def main(argv=None) -> int:
                     rows.append([f"sm_{capability}", f"{dtype_name} ({precision})", f"{block} {lq}x{lk}x{d}",
                                  grid, result["num_warps"], result["registers"],
                                  result["stack_bytes"], f"{result['shared_bytes'] / 1024:.0f}"
-                                 + ("" if result["shared_fits"] else " (too much)"),
+                                 + ("" if result["shared_fits"] else " (too much)"), result["programs_per_sm"],
                                  result["tensor_core_instructions"], result["fma_instructions"]])
     print(f"Triton {triton.__version__}, {args.model} widths (entity tokens x mention tokens x channels)\n")
     print(markdown_table(["target", "dtype", "G2L block", "mask (or candidates)", "warps", "registers/thread",
-                          "stack (spill) B", "shared KiB", "tensor-core instr.", "FMA instr."], rows))
+                          "stack (spill) B", "shared KiB", "programs per SM", "tensor-core instr.", "FMA instr."],
+                         rows))
     write_json(args.json, {"model": args.model, "triton": triton.__version__, "results": results})
     return 0
 

@@ -622,18 +622,20 @@ class EntityIndex:
         candidates kernel) and `steps_grid` (the masked grid: a step wherever one of its tile's entities is
         needed); with `every_pair`, also `steps_every_pair`, the steps of scoring every pair of the chunk in every
         block (the unmasked grid, as `scores` does). A step is one mention against a tile of a few entities
-        (`kernels_m3el.entities_per_step` of this index's dtype), the unit of the kernels' work.
+        (`kernels_m3el.entities_per_step` of this index's dtype, for that kernel's launch), the unit of the kernels'
+        work.
         """
         if stats is None:
             return
         num_mentions, width = needed.shape
         per_mention = needed.sum(dim=1)
         for name in [b for b in ("text", "image") if f"{b}.query" in self.tensors]:
-            tile = entities_per_step(self.tensors[f"{name}.query"].shape[1], self.dtype)
+            tokens = self.tensors[f"{name}.query"].shape[1]
+            tile, listed = entities_per_step(tokens, self.dtype), entities_per_step(tokens, self.dtype, True)
             counts = {"steps_every_pair": num_mentions * -(-width // tile)} if every_pair else {}
             if blocks is None or name in blocks:
                 padded = torch.nn.functional.pad(needed, (0, -width % tile))
-                counts["steps_candidates"] = int(((per_mention + tile - 1) // tile).sum())
+                counts["steps_candidates"] = int(((per_mention + listed - 1) // listed).sum())
                 counts["steps_grid"] = int(padded.view(num_mentions, -1, tile).any(dim=2).sum())
             for key, value in counts.items():
                 stats[key] = stats.get(key, 0) + value

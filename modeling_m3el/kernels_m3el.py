@@ -44,10 +44,17 @@ FALLBACK = "the fused G2L kernel failed"  # how the warning of a fallback to the
 #   timed on a GPU: `benchmarks/check_kernel.py` times it as a variant);
 # - precision (float32): "tf32x3", three TF32 tensor-core products (each operand split into a TF32 part and its
 #   remainder; error near float32's), or "ieee", float32 on FMA units;
-# - hoist (the candidates kernel; default False): a program's mention keys and values loaded once, before its loop
-#   over tiles of that mention's entities, rather than at every step (compiled for sm_90 it needs fewer registers,
-#   with no spill in float32, and more shared memory; not yet timed on a GPU: `benchmarks/check_kernel.py` times it
-#   as a variant); candidate_stages: the candidates kernel's pipeline stages (default 1; `stages` is the grid's).
+# - registers: the most registers a thread may use (Triton's `maxnreg`; default: as many as the compiler wants).
+#   Compiled for sm_90, the bf16 kernels take 150-175 registers a thread, which leaves room for one program of 8
+#   warps per SM (65,536 registers); at 128 a second program fits beside it, whose work can hide the first one's
+#   waits (loads, barriers), at the cost of a few spilled registers (`benchmarks/kernel_compile.py`);
+# - the candidates kernel (`rank` and `topk`'s pruned pairs, two-stage re-scoring) takes the same launch unless the
+#   launch says otherwise for it: candidate_rows, candidate_warps, candidate_registers (default: rows, warps,
+#   registers), candidate_stages (its pipeline stages; default 1, whatever `stages` is), and hoist (default False):
+#   a program's mention keys and values loaded once, before its loop over tiles of that mention's entities, rather
+#   than at every step (compiled for sm_90 it needs fewer registers, with no spill in float32, and more shared
+#   memory). `benchmarks/check_kernel.py` times each kernel's variants on its own work and keeps the fastest of
+#   each (none of these candidates-kernel options has been timed on a GPU yet).
 # The fastest that agreed with the PyTorch path on an H200 (benchmarks/README.md, "GPU"): float32 by TF32x3 took
 # 20.6 ms where IEEE took 300-580 ms and PyTorch's float32 path 47 ms, with the same largest difference from PyTorch
 # (1.5e-5), every pruned rank equal, and the exact ranks at 109,976 entities identical to the authors' loop; bf16 at
@@ -327,27 +334,44 @@ def _padded(size: int) -> int:
     return max(16, 1 << (size - 1).bit_length())  # the next power of two, at least 16
 
 
-def _tile_rows(lq: int, dtype: torch.dtype) -> int:
+def _key(dtype: torch.dtype) -> str:
+    """`LAUNCH`'s entry for an index of `dtype`."""
+    return "float32" if dtype == torch.float32 else "half"
+
+
+def _launch(dtype: torch.dtype, candidates: bool = False) -> dict:
+    """The launch of the grid kernel (or, with `candidates`, of the candidates kernel) for an index of `dtype`:
+    `LAUNCH`'s entry, the candidates kernel's own keys (`candidate_rows`, ...) in place of the grid's."""
+    launch = LAUNCH[_key(dtype)]
+    if not candidates:
+        return launch
+    return {
+        **launch, "rows": launch.get("candidate_rows", launch["rows"]),
+        "warps": launch.get("candidate_warps", launch["warps"]),
+        # its own stages: at the grid's 2 its loop (no branch) would be pipelined past the shared memory of an SM
+        "stages": launch.get("candidate_stages", 1),
+        "registers": launch.get("candidate_registers", launch.get("registers")),
+    }
+
+
+def _tile_rows(lq: int, dtype: torch.dtype, candidates: bool = False) -> int:
     """A program's query rows: the launch's rows (`LAUNCH`), at least one entity's `lq` (padded)."""
-    return max(LAUNCH["float32" if dtype == torch.float32 else "half"]["rows"], _padded(lq))
+    return max(_launch(dtype, candidates)["rows"], _padded(lq))
 
 
-def entities_per_step(lq: int, dtype: torch.dtype) -> int:
-    """Entities a program step of either kernel covers (a tile: as many whole entities of `lq` token rows as fit
-    the launch's rows, `LAUNCH`), e.g. 6 of 40 text tokens or 5 of 50 image tokens in 256 rows (bf16), 3 or 2 in
-    128 (float32)."""
-    return _tile_rows(lq, dtype) // lq
+def entities_per_step(lq: int, dtype: torch.dtype, candidates: bool = False) -> int:
+    """Entities a program step of the grid kernel (or, with `candidates`, of the candidates kernel) covers (a tile:
+    as many whole entities of `lq` token rows as fit the launch's rows, `LAUNCH`), e.g. 6 of 40 text tokens or 5 of 50
+    image tokens in 256 rows (bf16), 3 or 2 in 128 (float32)."""
+    return _tile_rows(lq, dtype, candidates) // lq
 
 
-def launch_parameters(
-    lq: int, lk: int, d: int, dtype: torch.dtype, has_mask: bool, block_mentions: int = 32
+def _parameters(
+    lq: int, lk: int, d: int, dtype: torch.dtype, candidates: bool, has_mask: bool = False, block_mentions: int = 32
 ) -> tuple[dict, dict]:
-    """The kernel's compile-time constants and compile options (warps, stages, FP fusion) for these widths (entity
-    tokens `lq`, mention tokens `lk`, channels `d`) by `LAUNCH`: what `fused_global_to_local` launches, and what
-    `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
-    launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
+    launch = _launch(dtype, candidates)
     lkp, dp = _padded(lk), _padded(d)
-    rows = _tile_rows(lq, dtype)  # a program's query rows: as many whole entities as fit
+    rows = _tile_rows(lq, dtype, candidates)  # a program's query rows: as many whole entities as fit
     block_entities = rows // lq
     precision = launch.get("precision", "")  # "": half precision, the tensor cores' own products
     constants = {
@@ -363,17 +387,27 @@ def launch_parameters(
     }
     # FP fusion (multiply-adds fused) stated rather than left to Triton's default, which Triton 3.9 warns about
     warps = 4 if rows * dp < 16384 else launch["warps"]
-    return constants, {"num_warps": warps, "num_stages": launch.get("stages", 1), "enable_fp_fusion": True}
+    options = {"num_warps": warps, "num_stages": launch.get("stages", 1), "enable_fp_fusion": True}
+    if launch.get("registers"):
+        options["maxnreg"] = launch["registers"]
+    return constants, options
+
+
+def launch_parameters(
+    lq: int, lk: int, d: int, dtype: torch.dtype, has_mask: bool, block_mentions: int = 32
+) -> tuple[dict, dict]:
+    """The grid kernel's compile-time constants and compile options (warps, stages, registers, FP fusion) for these
+    widths (entity tokens `lq`, mention tokens `lk`, channels `d`) by `LAUNCH`: what `fused_global_to_local`
+    launches, and what `benchmarks/kernel_compile.py` compiles ahead of time for a GPU the machine need not have."""
+    return _parameters(lq, lk, d, dtype, False, has_mask, block_mentions)
 
 
 def candidate_launch_parameters(lq: int, lk: int, d: int, dtype: torch.dtype) -> tuple[dict, dict]:
-    """`launch_parameters` for the candidates kernel: the same tile, `CANDIDATE_STEPS` tiles a program."""
-    constants, options = launch_parameters(lq, lk, d, dtype, False)
+    """`launch_parameters` for the candidates kernel: its own launch (`LAUNCH`'s candidate_* keys, else the grid's),
+    `CANDIDATE_STEPS` tiles a program."""
+    constants, options = _parameters(lq, lk, d, dtype, True)
     constants = {k: v for k, v in constants.items() if k not in ("BLOCK_B", "MB", "HAS_MASK")}
-    launch = LAUNCH["float32" if dtype == torch.float32 else "half"]
-    # its own pipeline stages: at the grid's 2 its loop (no branch) is pipelined past the shared memory of an SM
-    options = {**options, "num_stages": launch.get("candidate_stages", 1)}
-    return {**constants, "STEPS": CANDIDATE_STEPS, "HOIST": launch.get("hoist", False)}, options
+    return {**constants, "STEPS": CANDIDATE_STEPS, "HOIST": LAUNCH[_key(dtype)].get("hoist", False)}, options
 
 
 def candidate_programs(candidates: torch.Tensor, per_program: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

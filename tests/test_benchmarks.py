@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -124,26 +125,48 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     # The launch variants (query rows, warps, float32 precision) give the same scores and ranks: at the tiny widths
     # the interpreter computes the same products in the same order whatever the launch.
     assert [v["variant"] for v in results[0]["variants"]] == [
-        "128 rows, 8 warps, 1 stage, tf32x3", "128 rows, 16 warps, 1 stage, tf32x3",
-        "128 rows, 8 warps, 1 stage, 2 mentions a step, tf32x3",
-        "128 rows, 8 warps, 1 stage, mention hoisted (candidates kernel), tf32x3"]
+        "128 rows, 8 warps, 1 stage, tf32x3", "128 rows, 8 warps, 1 stage, 2 mentions a step, tf32x3",
+        "128 rows, 8 warps, 1 stage, candidates kernel: mention hoisted, tf32x3",
+        "128 rows, 8 warps, 1 stage, candidates kernel: 128 registers, tf32x3"]
     assert [v["variant"] for v in results[1]["variants"]] == [
         "256 rows, 8 warps, 1 stage", "256 rows, 8 warps, 2 stages", "128 rows, 8 warps, 1 stage",
-        "128 rows, 8 warps, 2 stages", "256 rows, 8 warps, 1 stage, 2 mentions a step",
-        "128 rows, 8 warps, 1 stage, 2 mentions a step", "128 rows, 8 warps, 1 stage, 4 mentions a step",
-        "256 rows, 8 warps, 1 stage, mention hoisted (candidates kernel)",
-        "128 rows, 8 warps, 1 stage, mention hoisted (candidates kernel), 2 stages (candidates kernel)"]
+        "128 rows, 8 warps, 1 stage, 128 registers", "256 rows, 8 warps, 1 stage, 2 mentions a step",
+        "128 rows, 8 warps, 1 stage, 4 mentions a step",
+        "256 rows, 8 warps, 1 stage, candidates kernel: mention hoisted",
+        "128 rows, 8 warps, 1 stage, candidates kernel: mention hoisted, 2 stages",
+        "256 rows, 8 warps, 1 stage, candidates kernel: 128 registers",
+        "256 rows, 8 warps, 1 stage, candidates kernel: 128 rows, 128 registers, mention hoisted"]
     for result in results:
+        assert result["listed_pairs"] == 4 * 10  # each mention's list: a quarter of the 40 entities
         for variant in result["variants"]:
             assert variant["max_abs_diff"] < result["tolerance"] and variant["agrees"], variant
+            assert variant["candidates_max_abs_diff"] < result["tolerance"], variant
             assert variant["ranks_equal"] == result["ranks_equal"] == 1.0, variant
-    # The fastest launch of each dtype that agrees is written for the other benchmarks' --launch.
+    # The launch written for the other benchmarks' --launch, per dtype: what the grid kernel takes from it is what it
+    # takes from the launch of the least scores() time; what the candidates kernel takes, from the launch of the
+    # least score_candidates() time (as `kernels_m3el._launch` reads a launch).
+    from modeling_m3el import kernels_m3el
+
     launches = json.loads((tmp_path / "launch.json").read_text())
     assert set(launches) == {"float32", "half"}
-    for result, key in zip(results, ("float32", "half")):
+
+    def compiled(launch, dtype, candidates):  # the kernel's constants and compile options under this launch
+        saved = dict(kernels_m3el.LAUNCH)
+        kernels_m3el.LAUNCH[kernels_m3el._key(dtype)] = launch
+        try:
+            if candidates:
+                return kernels_m3el.candidate_launch_parameters(40, 40, 96, dtype)
+            return kernels_m3el.launch_parameters(40, 40, 96, dtype, False)
+        finally:
+            kernels_m3el.LAUNCH.update(saved)
+
+    for result, key, dtype in zip(results, ("float32", "half"), (torch.float32, torch.bfloat16)):
         timed = [result] + result["variants"]
-        fastest = min(timed, key=lambda r: r["kernel_ms"] + r["rank_ms"])
-        assert launches[key] == fastest["launch"] == result["fastest_launch"]
+        grid = min(timed, key=lambda r: r["kernel_ms"])["launch"]
+        listed = min(timed, key=lambda r: r["candidates_ms"])["launch"]
+        assert launches[key] == result["fastest_launch"]
+        assert compiled(launches[key], dtype, False) == compiled(grid, dtype, False)
+        assert compiled(launches[key], dtype, True) == compiled(listed, dtype, True)
     assert "| 40 | float32 | 128 rows, 8 warps, 1 stage, tf32x3 |" in completed.stdout
 
 
@@ -176,5 +199,36 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
             assert result["stack_bytes"] == 0, result
         assert result["tensor_core_instructions"] > 0, result
         assert result["shared_fits"], result  # within the target's shared memory per block: it would launch
+        assert result["programs_per_sm"] >= 1, result
     width = "text 40x40x16" if model == "tiny" else "image 50x50x96"
     assert f"| sm_90 | bfloat16 (native) | {width} | yes |" in completed.stdout
+
+
+def test_a_register_cap_is_compiled_in(tmp_path):
+    """`registers` caps the grid kernel's registers a thread, `candidate_registers` the candidates kernel's (Triton's
+    maxnreg), each kernel's own; what an SM then holds follows the occupancy arithmetic."""
+    pytest.importorskip("triton.backends.nvidia")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from kernel_compile import programs_per_sm
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # 8 warps of 158 registers: 1 program (65,536 registers an SM); of 128: 2; shared memory and warps limit too
+    assert [programs_per_sm(90, 158, 96 * 1024, 8), programs_per_sm(90, 128, 96 * 1024, 8)] == [1, 2]
+    assert programs_per_sm(90, 32, 144 * 1024, 4) == 1 and programs_per_sm(80, 32, 0, 8) == 8
+    launch = tmp_path / "launch.json"
+    launch.write_text(json.dumps({"float32": {"rows": 128, "warps": 8, "stages": 1, "precision": "tf32x3",
+                                              "registers": 96, "candidate_registers": 64}}))
+    output = tmp_path / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "kernel_compile.py"), "--check", "--targets", "90", "--dtypes", "float32",
+         "--launch", launch, "--json", output],
+        capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    results = json.loads(output.read_text())["results"]
+    assert sorted(r["grid"] for r in results) == ["candidates"] * 2 + ["no"] * 2 + ["yes"] * 2
+    for result in results:
+        assert result["registers"] <= (64 if result["grid"] == "candidates" else 96), result

@@ -116,8 +116,11 @@ SCRIPT = textwrap.dedent(
             uneven[2, 7 : 7 + per_program] = -1
             uneven[3, per_program:] = -1
             scattered = torch.randint(-1, expected.shape[1], (expected.shape[0], 11), generator=generator)
-            # (and the launch that loads a mention's keys and values once per program, pipelined)
-            for launch in (default["float32"], {**default["float32"], "hoist": True, "candidate_stages": 2}):
+            # (and the launch that loads a mention's keys and values once per program, pipelined; and one that gives
+            # the candidates kernel its own tile, warps and registers: 1 text entity or 3 image entities a step)
+            own = {"candidate_rows": 64, "candidate_warps": 4, "candidate_registers": 128, "registers": 128}
+            for launch in (default["float32"], {**default["float32"], "hoist": True, "candidate_stages": 2},
+                           {**default["float32"], **own}):
                 kernels_m3el.LAUNCH["float32"] = launch
                 for candidates in (scattered, uneven):
                     listed = fused_global_to_local(prepared_e["query"], key, prepared_m["value"],

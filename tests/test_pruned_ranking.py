@@ -206,6 +206,26 @@ def test_kernel_steps_are_counted_per_tile(processor):
     assert 0 < stats["steps_candidates"] <= stats["steps_grid"] < stats["steps_every_pair"]
 
 
+def test_kernel_steps_of_the_candidates_kernel_count_its_own_tile(processor, monkeypatch):
+    """A launch that gives the candidates kernel its own query rows (`candidate_rows`) changes its tile, hence the
+    steps counted for it, and not the grid's."""
+    from modeling_m3el import kernels_m3el
+
+    model = _model(processor, **WIDE)
+    index, mentions, gold = _kb_and_mentions(model, noise=3.0)
+    needed = torch.ones(2, 30, dtype=torch.bool)
+    before = {}
+    index._count_steps(before, needed, every_pair=True)
+    launch = kernels_m3el.LAUNCH["float32"]
+    monkeypatch.setitem(kernels_m3el.LAUNCH, "float32", {**launch, "candidate_rows": 2 * launch["rows"]})
+    after = {}
+    index._count_steps(after, needed, every_pair=True)
+    assert after["steps_grid"] == before["steps_grid"] and after["steps_every_pair"] == before["steps_every_pair"]
+    tokens = {b: index.tensors[f"{b}.query"].shape[1] for b in ("text", "image")}
+    tiles = {b: (2 * launch["rows"]) // t for b, t in tokens.items()}  # 256 rows: 6 text entities, 15 image ones
+    assert after["steps_candidates"] == sum(2 * -(-30 // t) for t in tiles.values()) < before["steps_candidates"]
+
+
 def test_mention_span_of_linearly_dependent_values(processor):
     """Repeated tokens (padding, say) make a mention's values linearly dependent: its basis then comes from
     Householder QR instead of Cholesky QR, and still spans its values; the bounds hold."""
