@@ -14,9 +14,13 @@ def _load_model(folder: str, dtype: str, device: str | None):
 
     from . import M3ELModel, M3ELProcessor
 
-    model = M3ELModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    try:
+        model = M3ELModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        processor = M3ELProcessor.from_pretrained(folder)
+    except OSError as error:  # no such folder or Hub repo, or one without the files of a saved M3EL
+        raise SystemExit(f"error: cannot load an M3EL model and processor from {folder!r}: {error}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), M3ELProcessor.from_pretrained(folder)
+    return model.to(device), processor
 
 
 def _eval(args) -> int:
@@ -24,9 +28,9 @@ def _eval(args) -> int:
     from .evaluation import gold_ranks, index_rows, ranking_metrics
     from .index_m3el import EntityIndex
 
-    model, processor = _load_model(args.model, args.dtype, args.device)
-    benchmark = load_benchmark(args.data, splits=[args.split])
+    benchmark = load_benchmark(args.data, splits=[args.split])  # first: a data error is said before the model loads
     print(benchmark.summary(), file=sys.stderr)
+    model, processor = _load_model(args.model, args.dtype, args.device)
     if args.index:
         index = EntityIndex.load(args.index, model, device=model.device)
         if index.entity_ids != list(benchmark.entities["id"]):
@@ -69,8 +73,8 @@ def _index(args) -> int:
     from .evaluation import index_rows
     from .index_m3el import INDEX_META, EntityIndex, StaleIndexError
 
-    model, processor = _load_model(args.model, args.dtype, args.device)
     benchmark = load_benchmark(args.data, splits=[])
+    model, processor = _load_model(args.model, args.dtype, args.device)
     rows = index_rows(benchmark.entities)
     digests = {str(row["id"]): _entity_digest(row) for row in rows}
     digests_path = os.path.join(args.output, DIGESTS_FILE)
@@ -295,9 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that say what is wrong with the user's files (a data file and its record, a stale index): reported as
+    one line, without a traceback. (Imported only when an error is being handled: `--help` stays fast.)"""
+    from .data import MELDataError
+    from .index_m3el import StaleIndexError
+
+    return MELDataError, StaleIndexError
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except _input_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -58,6 +58,21 @@ def test_help_for_every_command():
         assert result.returncode == 0 and "usage: m3el" in result.stdout
 
 
+def test_bad_input_is_one_line_naming_it(saved, tmp_path, capsys):
+    """A missing split, a folder that is not a benchmark, a model folder that is not one: one line that says what and
+    where, exit status 1, no traceback; the data is read before the model is loaded."""
+    root, data, model, processor = saved
+    assert main(["eval", "--model", str(root / "model"), "--data", str(data), "--split", "nope"]) == 1
+    error = capsys.readouterr().err
+    assert "error:" in error and "split 'nope' is missing" in error and "Traceback" not in error
+    assert main(["index", "--model", str(tmp_path / "absent"), "--data", str(tmp_path), "--output",
+                 str(tmp_path / "index")]) == 1
+    error = capsys.readouterr().err
+    assert f"error: {tmp_path}: no entities.jsonl" in error and "Loading weights" not in error
+    with pytest.raises(SystemExit, match="cannot load an M3EL model and processor from .*absent"):
+        main(["eval", "--model", str(tmp_path / "absent"), "--data", str(data), "--split", "test"])
+
+
 def _write_kb(folder, entities):
     folder.mkdir(exist_ok=True)
     lines = [json.dumps({"id": i, "name": name, "description": text, "images": [image] if image else []})
