@@ -5,16 +5,17 @@
 # device tool's 600): a step is cut to the time left, and skipped (and said so) when less than 20 s is left. About 5
 # minutes expected.
 #   1. the fused G2L kernel: first compilation, scores and ranks against PyTorch, launch variants
-#   2. (issue 4 a) exact ranking at WikiMEL's KB size against the authors' loop, fp32 and bf16
+#   2. (issue 4 a) exact ranking at WikiMEL's KB size against the authors' loop, fp32 and bf16; bf16 against fp32
+#      on the trained demo model (its folder and test inputs carried: benchmarks/README.md, "How to run")
 #   3. (issue 3) the training step, B/32, batch 128, 200 timed steps, fp32 and bf16 autocast + fused AdamW
 #   4. (issue 4 c) entity encoding from preprocessed tensors
 #   5. (issue 4 b) two-stage retrieval at 1M entities, then at 100k
 #   6. extras: the exact ranker with PyTorch's G2L instead of the kernel; the training step with bf16 autocast alone
 #      (the authors' bf16 setting) and with torch.compile; entity encoding from image files with reading threads
 # `bash benchmarks/run_gpu.sh kernel`: the fused kernel's figures alone, in about 5-6 minutes (BUDGET_S default 380):
-# its check and launch variants, exact ranking at WikiMEL's size, a profile of the ranker's calls, exact ranking again
-# with the pruned pairs by the masked grid and without refined bounds, and two-stage retrieval, all with the fastest
-# launches that agree.
+# its check and launch variants, exact ranking at WikiMEL's size, bf16 against fp32 on the trained demo model (when
+# carried), a profile of the ranker's calls, exact ranking again with the pruned pairs by the masked grid and without
+# refined bounds, and two-stage retrieval, all with the fastest launches that agree.
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
@@ -45,6 +46,14 @@ TABLES="$OUT/tables.md"
 } | tee "$TABLES"
 
 status=0
+demo_precision() {  # demo_precision ARGS...: the step, when the demo model and its test inputs were carried
+  if [ -d m3el-demo/model ] && [ -f m3el-demo/precision_inputs.safetensors ]; then
+    bench demo_precision demo_precision 40 --model m3el-demo/model --inputs m3el-demo/precision_inputs.safetensors "$@"
+  else
+    echo -e "\n## demo_precision\n\nskipped: m3el-demo/model and m3el-demo/precision_inputs.safetensors were not carried" \
+      "(benchmarks/README.md, \"How to run\")" | tee -a "$TABLES"
+  fi
+}
 bench() {  # bench NAME LABEL LIMIT_SECONDS ARGS...: one step, cut to the time left before the deadline
   local name=$1 label=$2 limit=$3
   shift 3
@@ -74,6 +83,8 @@ if [ "${1:-all}" = kernel ]; then
   # the target figure first: exact ranking at WikiMEL's size against the authors' loop
   bench bench_exact_ranking exact_ranking_110k 90 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
     "${launch[@]}"
+  # bf16 against float32 on the trained demo model, through the kernels: the target's MRR figure
+  demo_precision "${launch[@]}"
   # where a scores() and a rank() call spend their time (every kernel's device time; rank() by phase), and the fused
   # kernels' rate
   bench profile_ranking ranking_profile 50 --model b32 --sizes 32768 --mentions 128 "${launch[@]}"
@@ -110,6 +121,8 @@ launch=()
 # 2. Exact ranking at WikiMEL's KB size: 256 mentions for the exact ranker (fp32 and bf16), 40 for the naive loop.
 bench bench_exact_ranking exact_ranking_110k 120 --model b32 --sizes 109976 --mentions 256 --naive-mentions 40 \
   "${launch[@]}"
+#    And bf16 against float32 on the trained demo model, through the kernels (when carried).
+demo_precision "${launch[@]}"
 # 3. The training step of issue 3: a few hundred steps in fp32 (the recipe) and bf16 autocast with the fused AdamW
 #    of train_accelerate.py.
 bench bench_training training_b32_batch128 150 --model b32 --batch 128 --steps 200 --warmup 10 \

@@ -90,6 +90,52 @@ def test_entity_encoding_benchmark_builds_the_index(tmp_path):
     assert "| 96 |" in stdout
 
 
+def test_demo_precision_ranks_from_the_data_or_its_saved_inputs(tmp_path):
+    """bf16 against float32 on a saved model and its benchmark: the same figures from the data folder and from the
+    inputs saved for a machine without it; the float32 ranks are `m3el eval`'s; MR and MRR follow from the ranks."""
+    from modeling_m3el import M3ELModel
+    from modeling_m3el.data import load_benchmark
+    from modeling_m3el.demo import demo_processor, write_demo_benchmark
+    from modeling_m3el.evaluation import gold_ranks, index_rows
+    from modeling_m3el.index_m3el import EntityIndex
+    from modeling_m3el.tiny import tiny_config
+
+    data = write_demo_benchmark(tmp_path / "data", seed=3, num_names=4, train=10, dev=10, test=12)
+    processor = demo_processor()
+    torch.manual_seed(0)
+    model = M3ELModel(tiny_config(processor)).eval()
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    base = [sys.executable, str(BENCHMARKS / "demo_precision.py"), "--model", str(tmp_path / "model"), "--device",
+            "cpu", "--max-mrr-difference", "1"]  # (an untrained model: bf16 may rank otherwise; the check is below)
+    results = {}
+    for name, source in (("data", ["--data", str(data)]), ("inputs", ["--inputs", str(tmp_path / "in.st")])):
+        if name == "inputs":
+            saved = subprocess.run(base + ["--data", str(data), "--save-inputs", str(tmp_path / "in.st")],
+                                   capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
+            assert saved.returncode == 0, saved.stdout + saved.stderr
+        completed = subprocess.run(base + source + ["--json", str(tmp_path / f"{name}.json")], capture_output=True,
+                                   text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+    assert results["data"] == results["inputs"]
+    rows = results["data"]
+    assert [(r["model_dtype"], r["index_dtype"]) for r in rows] == [
+        ("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
+    benchmark = load_benchmark(data, splits=["test"])
+    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
+    expected = gold_ranks(model, processor, index, benchmark.splits["test"], progress=False)
+    assert rows[0]["ranks"] == [int(r) for r in expected]
+    reference = torch.tensor(rows[0]["ranks"], dtype=torch.float64)
+    for row in rows:
+        ranks = torch.tensor(row["ranks"], dtype=torch.float64)
+        assert row["mr"] == pytest.approx(float(ranks.mean()))
+        assert row["mrr"] == pytest.approx(float((1 / ranks).mean()))
+        assert row["mrr_difference"] == pytest.approx(row["mrr"] - rows[0]["mrr"])
+        assert row["ranks_equal_to_float32"] == pytest.approx(float((ranks == reference).double().mean()))
+
+
 def test_training_benchmark_runs_both_precisions(tmp_path):
     stdout, payload = _run("bench_training.py", tmp_path)
     assert [r["precision"] for r in payload["results"]] == ["float32", "bfloat16"]
