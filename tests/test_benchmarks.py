@@ -216,6 +216,34 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     assert "| 40 | float32 | 128 rows, 8 warps, 1 stage, tf32x3 |" in completed.stdout
 
 
+def test_kernel_check_reports_a_variant_that_fails(tmp_path):
+    """A launch variant the kernel cannot run (a tile of 48 rows: Triton's ranges are powers of two; the kernel is
+    forced, so it raises rather than falling back to PyTorch): the check lists it as failed, untimed, and neither the
+    launch it measured nor the fastest launch suffers."""
+    pytest.importorskip("triton")
+    script = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks')\n"
+        "import check_kernel\n"
+        "from common import build_model, random_kb_with_mentions\n"
+        "from modeling_m3el import kernels_m3el\n"
+        "check_kernel.VARIANTS['float32'] = [{'rows': 48, 'warps': 4, 'stages': 1, 'precision': 'tf32x3'},\n"
+        "                                    {'rows': 128, 'warps': 4, 'stages': 1, 'precision': 'tf32x3'}]\n"
+        "model = build_model('tiny', 'text_to_image', 'cpu')\n"
+        "index, mentions, gold = random_kb_with_mentions(model, 40, 4, 'cpu', 0, 1.0)\n"
+        "result, variants = check_kernel.compare(index, model, mentions, gold, 'cpu', torch.float32, True)\n"
+        "assert result['agrees'] and result['ranks_equal'] == 1.0, result\n"
+        "assert 'power of 2' in variants[0]['error'] and 'kernel_ms' not in variants[0], variants[0]\n"
+        "assert 'error' not in variants[1] and variants[1]['agrees'], variants[1]\n"
+        "assert kernels_m3el._kernel_failure is None\n"
+        "assert check_kernel.fastest(result, variants, 'float32')['rows'] == 128\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                               cwd=BENCHMARKS.parent)
+    assert completed.returncode == 0 and completed.stdout.split() == ["ok"], completed.stdout + completed.stderr
+
+
 @pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
 def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, targets):
     """Triton's interpreter does not compile; this does what the launch on an A100 (sm_80) or H100/H200 (sm_90) would
