@@ -351,17 +351,42 @@ class M3ELIntraModalMatching(nn.Module):
         return center, torch.where(usable[:, None], torch.minimum(tighter, radius[None, :]), radius[None, :])
 
 
+# Relative rounding of a float32 matmul's inputs by torch's float32 matmul setting: the global one
+# (`torch.set_float32_matmul_precision`) or a backend's own (`torch.backends.cuda.matmul.fp32_precision`,
+# `torch.backends.mkldnn.matmul.fp32_precision`, or all at once through `torch.backends.fp32_precision`).
+_FLOAT32_INPUT_ROUNDING = {"highest": 0.0, "ieee": 0.0, "high": 2.0**-11, "tf32": 2.0**-11, "medium": 2.0**-8,
+                           "bf16": 2.0**-8}
+
+
+def _float32_matmul_setting(device: torch.device) -> str | None:
+    """How torch may multiply float32 matrices on `device`: its backend's own setting where torch has one and it is
+    set ("ieee", "tf32", "bf16"), else the global one ("highest", "high", "medium"); None when torch will not say
+    (it refuses to report the global setting once the legacy and the per-backend settings were both used)."""
+    backend = {"cuda": ("cuda", "matmul"), "cpu": ("mkldnn", "matmul")}.get(device.type)
+    setting = None
+    if backend is not None:  # torch >= 2.9
+        module = getattr(getattr(torch.backends, backend[0], None), backend[1], None)
+        setting = getattr(module, "fp32_precision", None)
+    if setting in (None, "none"):
+        try:
+            setting = torch.get_float32_matmul_precision()
+        except RuntimeError:
+            setting = None
+    return setting
+
+
 def _product_rounding(dtype: torch.dtype, device: torch.device) -> float:
     """
     A bound on the relative rounding of the inputs of a torch matmul in `dtype` on `device`: none for float64 and,
-    by default, for float32; with `torch.set_float32_matmul_precision("high")` float32 products may take TF32
-    inputs, with "medium" bfloat16 ones; under autocast to half precision, half-precision inputs.
+    by default, for float32; when torch's float32 matmul setting allows TF32 (`torch.set_float32_matmul_precision(
+    "high")`, or `fp32_precision = "tf32"`) TF32 inputs, when it allows bfloat16 ("medium", "bf16") bfloat16 ones, and
+    the same when the setting cannot be read; under autocast to half precision, half-precision inputs.
     """
     if _output_rounding(device):
         return 2.0**-8
     if dtype != torch.float32:
         return 0.0
-    return {"highest": 0.0, "high": 2.0**-11}.get(torch.get_float32_matmul_precision(), 2.0**-8)
+    return _FLOAT32_INPUT_ROUNDING.get(_float32_matmul_setting(device), 2.0**-8)
 
 
 def _output_rounding(device: torch.device) -> float:

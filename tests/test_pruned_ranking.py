@@ -1,11 +1,19 @@
 """Pruned exact ranking: score bounds that hold, and `rank`/`topk` with pruning equal to scoring every pair."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
 from modeling_m3el import M3ELFeatures, M3ELModel
 from modeling_m3el.index_m3el import EntityIndex
 from modeling_m3el.tiny import tiny_config, tiny_processor
+
+ROOT = Path(__file__).resolve().parent.parent
 
 NUM_ENTITIES = 301  # not a multiple of the chunk sizes below
 NUM_MENTIONS = 24
@@ -278,6 +286,43 @@ def test_mention_dependent_bounds_allow_for_cancelling_values(processor, precisi
         assert torch.equal(pruned, index.rank(model, mentions, gold, prune=False))
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+PER_BACKEND_SETTING = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from modeling_m3el.modeling_m3el import _product_rounding
+    from modeling_m3el.tiny import tiny_processor
+    from test_pruned_ranking import WIDE, _kb_and_mentions, _model
+
+    exec(sys.argv[1])  # the setting
+    model = _model(tiny_processor(), **WIDE)
+    index, mentions, gold = _kb_and_mentions(model, noise=3.0)
+    pruned = index.rank(model, mentions, gold)
+    assert torch.equal(pruned, index.rank(model, mentions, gold, prune=False))
+    print(_product_rounding(torch.float32, torch.device("cpu")), _product_rounding(torch.float32, torch.device("cuda")))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9: no per-backend setting")
+@pytest.mark.parametrize("setting, cpu, cuda", [
+    ("torch.backends.fp32_precision = 'tf32'", 2.0**-11, 2.0**-11),  # every backend, the way PyTorch now advises
+    # the CPU's alone: torch then refuses to report the global setting, so CUDA's margin (its own unset) is the coarsest
+    ("torch.backends.mkldnn.matmul.fp32_precision = 'bf16'", 2.0**-8, 2.0**-8),
+    # the legacy setting (which sets the CPU's to TF32), then CUDA's own
+    ("torch.set_float32_matmul_precision('high'); torch.backends.cuda.matmul.fp32_precision = 'ieee'", 2.0**-11, 0.0),
+])
+def test_bounds_follow_the_per_backend_float32_matmul_settings(setting, cpu, cuda):
+    """The rounding margin of the bounds follows torch's per-backend float32 matmul settings as it follows the global
+    one, and is the coarsest where torch will not report its setting; the ranker runs and its pruned ranks equal
+    every pair's under each. (In a subprocess: the settings are global to a process.)"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    completed = subprocess.run([sys.executable, "-c", PER_BACKEND_SETTING, setting], capture_output=True, text=True,
+                               timeout=300, env=env)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert [float(x) for x in completed.stdout.split()] == [cpu, cuda]
 
 
 def test_g2l_bound_is_the_cauchy_schwarz_bound_of_the_layer_norm(processor):
