@@ -37,7 +37,7 @@ from modeling_m3el.kernels_m3el import FALLBACK, KERNEL_ENV
 # registers, pipeline stages, mentions a program step, and the candidates kernel's own rows, warps, registers, stages
 # and mention loaded once (hoist). The scores, listed scores and pruned ranks of every variant are compared with the
 # PyTorch path's too. `registers` 128: two programs of 8 warps per SM instead of one (compiled for sm_90 with
-# Triton 3.6: bf16 without spills at 128 rows, 64-80 bytes spilled at 256; `kernel_compile.py`).
+# Triton 3.6: bf16 without spills at 128 rows, 72-80 bytes spilled at 256; `kernel_compile.py`).
 VARIANTS = {
     # (dropped after the H200's calls 1-2: IEEE float32 products, 25x slower than TF32x3; 4 and 16 warps in bf16,
     # 16 in float32; in session 8, to leave time for the candidates kernel's variants, bf16 at 128 rows with 2
@@ -58,12 +58,9 @@ VARIANTS = {
         {"rows": 256, "warps": 8, "stages": 1, "candidate_rows": 128, "candidate_registers": 128, "hoist": True},
     ],
 }
-# The keys of a launch that the grid kernel reads, and those the candidates kernel reads in their place
-# (`kernels_m3el._launch`): the launch written for --launch-out takes the first from the variant fastest at `scores`,
-# the second from the one fastest at `score_candidates`.
+# The keys of a launch that the grid kernel reads: the launch written for --launch-out takes them from the variant
+# fastest at `scores`, and the candidates kernel's (`candidate_launch`) from the one fastest at `score_candidates`.
 GRID_KEYS = ("rows", "warps", "stages", "mentions", "registers", "precision")
-CANDIDATE_KEYS = {"rows": "candidate_rows", "warps": "candidate_warps", "stages": "candidate_stages",
-                  "registers": "candidate_registers", "hoist": "hoist"}
 
 
 def label(launch: dict) -> str:

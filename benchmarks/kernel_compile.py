@@ -1,10 +1,9 @@
 """The fused G2L kernel compiled ahead of time for NVIDIA GPUs, on a machine that has none: for every target, dtype
 and G2L block (text, image) of a model, what the launch in `kernels_m3el.py` would compile, and what the compiled code
 uses: registers and stack (spills) per thread, shared memory (and whether it fits the target), the programs an SM
-holds at once by these (occupancy, computed, not measured), and whether the
-attention products run on tensor cores (`wgmma` on Hopper, `mma` on Ampere: half precision, and float32 by TF32x3)
-or on FMA units (float32 with `"precision": "ieee"`). `--launch FILE` compiles other launches (`check_kernel.py`'s
-format).
+holds at once by these (occupancy, computed, not measured), and whether the attention products run on tensor cores
+(`wgmma` on Hopper, `mma` on Ampere: half precision, and float32 by TF32x3) or on FMA units (float32 with
+`"precision": "ieee"`). `--launch FILE` compiles other launches (`check_kernel.py`'s format).
 
 Triton compiles through its own LLVM and `ptxas`; no CUDA driver is needed. The figures hold for the installed
 Triton version; the GPU's own Triton (bundled with its PyTorch) may differ: to check another version, install it
