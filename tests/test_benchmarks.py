@@ -90,40 +90,34 @@ def test_entity_encoding_benchmark_builds_the_index(tmp_path):
     assert "| 96 |" in stdout
 
 
-def test_demo_precision_ranks_from_the_data_or_its_saved_inputs(tmp_path):
-    """bf16 against float32 on a saved model and its benchmark: the same figures from the data folder and from the
-    inputs saved for a machine without it; the float32 ranks are `m3el eval`'s; MR and MRR follow from the ranks."""
-    from modeling_m3el import M3ELModel
+def test_demo_precision_on_the_trained_demo_model(demo_run, demo_data, tmp_path):
+    """bf16 against float32 on the session's trained demo model (the issue's "bf16 MRR within 0.001 of float32"):
+    the script's check passes; the same figures from the data folder and from the inputs saved for a machine without
+    it; the float32 ranks are `m3el eval`'s; MR and MRR follow from the ranks."""
+    from modeling_m3el import M3ELModel, M3ELProcessor
     from modeling_m3el.data import load_benchmark
-    from modeling_m3el.demo import demo_processor, write_demo_benchmark
     from modeling_m3el.evaluation import gold_ranks, index_rows
     from modeling_m3el.index_m3el import EntityIndex
-    from modeling_m3el.tiny import tiny_config
 
-    data = write_demo_benchmark(tmp_path / "data", seed=3, num_names=4, train=10, dev=10, test=12)
-    processor = demo_processor()
-    torch.manual_seed(0)
-    model = M3ELModel(tiny_config(processor)).eval()
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    model_folder = demo_run / "model"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    base = [sys.executable, str(BENCHMARKS / "demo_precision.py"), "--model", str(tmp_path / "model"), "--device",
-            "cpu", "--max-mrr-difference", "1"]  # (an untrained model: bf16 may rank otherwise; the check is below)
+    base = [sys.executable, str(BENCHMARKS / "demo_precision.py"), "--model", str(model_folder), "--device", "cpu"]
+    saved = subprocess.run(base + ["--data", demo_data, "--save-inputs", str(tmp_path / "inputs.safetensors")],
+                           capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
+    assert saved.returncode == 0, saved.stdout + saved.stderr
     results = {}
-    for name, source in (("data", ["--data", str(data)]), ("inputs", ["--inputs", str(tmp_path / "in.st")])):
-        if name == "inputs":
-            saved = subprocess.run(base + ["--data", str(data), "--save-inputs", str(tmp_path / "in.st")],
-                                   capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
-            assert saved.returncode == 0, saved.stdout + saved.stderr
+    sources = {"data": ["--data", demo_data], "inputs": ["--inputs", str(tmp_path / "inputs.safetensors")]}
+    for name, source in sources.items():
         completed = subprocess.run(base + source + ["--json", str(tmp_path / f"{name}.json")], capture_output=True,
                                    text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
-        assert completed.returncode == 0, completed.stdout + completed.stderr
+        assert completed.returncode == 0, completed.stdout + completed.stderr  # every |bf16 MRR - float32's| <= 0.001
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]
     assert results["data"] == results["inputs"]
     rows = results["data"]
     assert [(r["model_dtype"], r["index_dtype"]) for r in rows] == [
         ("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16")]
-    benchmark = load_benchmark(data, splits=["test"])
+    model, processor = M3ELModel.from_pretrained(model_folder).eval(), M3ELProcessor.from_pretrained(model_folder)
+    benchmark = load_benchmark(demo_data, splits=["test"])
     index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
     expected = gold_ranks(model, processor, index, benchmark.splits["test"], progress=False)
     assert rows[0]["ranks"] == [int(r) for r in expected]
@@ -132,6 +126,7 @@ def test_demo_precision_ranks_from_the_data_or_its_saved_inputs(tmp_path):
         ranks = torch.tensor(row["ranks"], dtype=torch.float64)
         assert row["mr"] == pytest.approx(float(ranks.mean()))
         assert row["mrr"] == pytest.approx(float((1 / ranks).mean()))
+        assert abs(row["mrr_difference"]) <= 0.001
         assert row["mrr_difference"] == pytest.approx(row["mrr"] - rows[0]["mrr"])
         assert row["ranks_equal_to_float32"] == pytest.approx(float((ranks == reference).double().mean()))
 
