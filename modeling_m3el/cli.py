@@ -81,7 +81,8 @@ def _index(args) -> int:
     previous, indexed, reused = None, set(), []
     if args.update and os.path.isfile(os.path.join(args.output, INDEX_META)):
         try:
-            previous = EntityIndex.load(args.output, model)  # on the CPU, where the index is assembled and saved
+            # on the CPU, where the index is assembled and saved
+            previous = EntityIndex.load(args.output, model, device="cpu")
         except StaleIndexError as error:
             raise SystemExit(f"error: --update: {error}") from None
         try:

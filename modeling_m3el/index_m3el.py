@@ -371,7 +371,8 @@ class EntityIndex:
         cls, folder: str | os.PathLike, model: M3ELModel | None = None, device=None, dtype=None
     ) -> "EntityIndex":
         """
-        Load an index saved with `save`. With `model`, refuse (StaleIndexError) an index built with another model.
+        Load an index saved with `save`, onto `device` (default: the model's, as `build` makes it; without a model, the
+        CPU) in `dtype` (default: as saved). With `model`, refuse (StaleIndexError) an index built with another model.
         """
         meta_path, weights_path = os.path.join(folder, INDEX_META), os.path.join(folder, INDEX_WEIGHTS)
         for path in (meta_path, weights_path):
@@ -399,7 +400,9 @@ class EntityIndex:
                     f"the entity index in {folder} was built with another model (fingerprint {meta['fingerprint']}, "
                     f"this model: {current}); rebuild it with EntityIndex.build(model, processor, entities)"
                 )
-        tensors = load_file(weights_path, device=str(device) if device is not None else "cpu")
+        if device is None:
+            device = model.device if model is not None else "cpu"
+        tensors = load_file(weights_path, device=str(device))
         if dtype is not None:
             tensors = {k: v.to(dtype) for k, v in tensors.items()}
         return cls(tensors, meta["entity_ids"], meta["fingerprint"])
@@ -480,6 +483,7 @@ class EntityIndex:
         self, model: M3ELModel, mentions: dict, candidate_rows: torch.Tensor, memory_budget_bytes: int = 2**30
     ) -> torch.Tensor:
         """`score_candidates` from mentions already prepared with `model.prepare_mentions`."""
+        self._check_device(model)
         num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
         if not isinstance(candidate_rows, torch.Tensor) or candidate_rows.dtype != torch.long:
             raise TypeError("candidate_rows must be a torch.LongTensor of shape (num_mentions, K)")
@@ -735,11 +739,20 @@ class EntityIndex:
         """Prepared mention tensors moved to this index's device and dtype."""
         return {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
 
+    def _check_device(self, model: M3ELModel) -> None:
+        """Scoring uses the model's matching weights beside the index's tensors: both must be on one device."""
+        if model.device != self.device:
+            raise ValueError(
+                f"the entity index is on {self.device} and the model on {model.device}: move one to the other's device "
+                "(index.to(device=...) or model.to(...)) before scoring"
+            )
+
     def _prepared_mentions(self, model: M3ELModel, mention_features: M3ELFeatures) -> tuple[dict, int]:
         """`model.prepare_mentions` on this index's device and dtype, and the number of mentions (at least 1)."""
         num_mentions = mention_features.text_embeds.shape[0]
         if num_mentions == 0:
             raise ValueError("no mentions to rank (a batch of 0)")
+        self._check_device(model)
         return self._on_index(model.prepare_mentions(mention_features)), num_mentions
 
     def _bound_chunks(self, num_mentions: int, chunk_size: int | None, memory_budget_bytes: int):

@@ -143,7 +143,7 @@ def test_save_load_round_trip(processor, kb, mentions, tmp_path, mode):
     meta = json.loads((tmp_path / INDEX_META).read_text())
     assert meta["entity_ids"] == [e["id"] for e in kb] and meta["fingerprint"] == model_fingerprint(model)
     loaded = EntityIndex.load(tmp_path, model)
-    assert loaded.entity_ids == index.entity_ids
+    assert loaded.entity_ids == index.entity_ids and loaded.device == model.device  # the model's device by default
     for name, tensor in index.tensors.items():
         assert torch.equal(loaded.tensors[name], tensor), name
     with torch.no_grad():
@@ -267,6 +267,29 @@ def test_empty_inputs_have_clear_errors(processor, kb, mentions):
         index.topk(model, features, k=0)
     with pytest.raises(ValueError, match="duplicate entity ids"):
         EntityIndex.build(model, processor, kb + kb[:1], progress=False)
+
+
+def test_an_index_on_another_device_than_the_model_is_refused(processor, kb, mentions):
+    """Scoring needs the model's matching weights beside the index's tensors: an index on another device than the
+    model (here PyTorch's "meta" device, as a GPU would be) is refused with a message that names both and the fix,
+    by every call that scores, before any work."""
+    model = _model(processor, "text_to_image")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    elsewhere = index.to(device="meta")
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    gold = [e["id"] for e in kb[:len(features.text_embeds)]]
+    message = "the entity index is on meta and the model on cpu: move one to the other's device"
+    calls = {
+        "scores": lambda: elsewhere.scores(model, features),
+        "rank": lambda: elsewhere.rank(model, features, gold),
+        "rank, every pair": lambda: elsewhere.rank(model, features, gold, prune=False),
+        "topk": lambda: elsewhere.topk(model, features, k=2),
+        "score_candidates": lambda: elsewhere.score_candidates(model, features, torch.zeros(len(gold), 1).long()),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=message):
+            call()
 
 
 def test_bfloat16_index_ranks_close_to_float32(processor, kb, mentions):
