@@ -24,7 +24,9 @@ class M3ELProcessor(ProcessorMixin):
     - Mention text: `unquote(mention) + separator + sentence`; entity text: `unquote(name) + separator + description`;
       tokenized, truncated and padded to exactly `text_max_length` tokens (the model does not mask padding).
     - Image: a path, a `PIL.Image.Image`, a numpy array (H, W[, C]), raw bytes or a base64 string; resized to the
-      image processor's crop size with Lanczos, then CLIP preprocessing (RGB conversion, normalisation).
+      image processor's crop size with Lanczos in its own mode, converted to RGB as the authors' preprocessing did
+      (PIL's plain conversion: a transparent pixel keeps its colour, where transformers 5 would composite it onto
+      white), then CLIP preprocessing (normalisation).
       `None` gives an all-zero image. An unreadable image also gives an all-zero image (as the authors' code
       did silently), but here with a warning naming it, and it is counted in `num_unreadable_images`.
       The per-sample flag `has_image` says which samples had a readable image.
@@ -96,8 +98,14 @@ class M3ELProcessor(ProcessorMixin):
         if image is None:
             return torch.zeros(3, height, width), False
         try:
-            # The authors resized before CLIP preprocessing, in the image's own mode; so do we.
-            resized = self._open_image(image).resize((width, height), Image.Resampling.LANCZOS)
+            # The authors resized before CLIP preprocessing, in the image's own mode; so do we. Their CLIP
+            # preprocessing (transformers 4.27) then converted to RGB with PIL's plain `convert("RGB")`, which keeps a
+            # transparent pixel's own colour; transformers 5 composites transparency onto white instead, which would
+            # change the pixels of every image with an alpha channel or a transparent palette colour (PNG logos and
+            # flags among KB images). Converting here keeps the authors' pixels: the image processor then gets an RGB
+            # image without transparency (PIL carries a palette's transparent colour over as `info["transparency"]`).
+            resized = self._open_image(image).resize((width, height), Image.Resampling.LANCZOS).convert("RGB")
+            resized.info.pop("transparency", None)
         except (OSError, ValueError, TypeError, UnidentifiedImageError, Image.DecompressionBombError) as error:
             with self._count_lock:
                 self.num_unreadable_images += 1

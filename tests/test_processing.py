@@ -88,6 +88,32 @@ def test_grayscale_and_png_named_jpg(processor, tmp_path):
     torch.testing.assert_close(channels[0], channels[1], atol=1e-5, rtol=0)
 
 
+def transparent_images() -> dict[str, Image.Image]:
+    """Images with an alpha channel or a transparent palette entry, with colours under the transparent pixels."""
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (43, 57, 4), dtype=np.uint8), mode="RGBA")
+    gray_alpha = Image.fromarray(rng.integers(0, 256, (43, 57, 2), dtype=np.uint8), mode="LA")
+    palette = Image.fromarray(rng.integers(0, 256, (43, 57, 3), dtype=np.uint8), mode="RGB").quantize(16)
+    palette.info["transparency"] = 0
+    return {"RGBA": rgba, "LA": gray_alpha, "P with a transparent colour": palette}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P with a transparent colour"])
+def test_transparency_keeps_the_authors_pixels(processor, tmp_path, mode):
+    """An image with transparency gives the pixels of the authors' preprocessing (transformers 4.27: resize in the
+    image's own mode, then PIL's plain RGB conversion, which keeps the colour under a transparent pixel), not those of
+    transformers 5's conversion, which composites transparency onto white: from a PIL image and from a PNG file."""
+    image = transparent_images()[mode]
+    path = tmp_path / "logo.png"
+    image.save(path)
+    for given in (image, str(path)):
+        inputs = processor.process_entities("hilton", "a logo", given)
+        torch.testing.assert_close(inputs["pixel_values"][0], expected_pixels(image), atol=1e-5, rtol=0)
+    white = image.resize((SIZE, SIZE), Image.Resampling.LANCZOS).convert("RGBA")
+    white = Image.alpha_composite(Image.new("RGBA", white.size, (255, 255, 255, 255)), white).convert("RGB")
+    assert not torch.allclose(inputs["pixel_values"][0], expected_pixels(white), atol=1e-3)  # it would differ
+
+
 def test_missing_image_is_zeros_with_flag(processor):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no image is not an error: no warning either
