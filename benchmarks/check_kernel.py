@@ -59,7 +59,8 @@ VARIANTS = {
     ],
 }
 # The keys of a launch that the grid kernel reads: the launch written for --launch-out takes them from the variant
-# fastest at `scores`, and the candidates kernel's (`candidate_launch`) from the one fastest at `score_candidates`.
+# fastest at `scores`, and the candidates kernel's (`kernels_m3el.resolve_launch`) from the one fastest at
+# `score_candidates`.
 GRID_KEYS = ("rows", "warps", "stages", "mentions", "registers", "precision")
 
 
@@ -81,20 +82,12 @@ def label(launch: dict) -> str:
 
 def grid_launch(launch: dict) -> dict:
     """What the grid kernel takes from `launch`, defaults filled in (to compare launches)."""
-    return {"rows": launch["rows"], "warps": launch["warps"], "stages": launch.get("stages", 1),
-            "mentions": launch.get("mentions", 1), "registers": launch.get("registers"),
-            "precision": launch.get("precision")}
+    return kernels_m3el.resolve_launch(launch)
 
 
 def candidate_launch(launch: dict) -> dict:
-    """What the candidates kernel takes from `launch`, under the candidate_* keys (`kernels_m3el._launch`)."""
-    return {
-        "candidate_rows": launch.get("candidate_rows", launch["rows"]),
-        "candidate_warps": launch.get("candidate_warps", launch["warps"]),
-        "candidate_stages": launch.get("candidate_stages", 1),
-        "candidate_registers": launch.get("candidate_registers", launch.get("registers")),
-        "hoist": launch.get("hoist", False),
-    }
+    """What the candidates kernel takes from `launch`, defaults filled in (to compare launches)."""
+    return kernels_m3el.resolve_launch(launch, candidates=True)
 
 
 def listed_rows(num_mentions: int, num_entities: int, device, seed: int) -> torch.Tensor:
@@ -183,9 +176,9 @@ def fastest(result: dict, variants: list[dict], dtype: str) -> dict:
     same = [c for c in good if c["launch"].get("precision") == grid.get("precision")]
     listed = min(same, key=lambda c: c["candidates_ms"])["launch"]
     launch = {k: grid[k] for k in GRID_KEYS if k in grid}
-    own = candidate_launch(listed)
+    own, inherited = candidate_launch(listed), candidate_launch(launch)
     # the candidates kernel's keys only where they differ from what it would take from the grid's
-    launch.update({k: v for k, v in own.items() if v != candidate_launch(launch)[k]})
+    launch.update({kernels_m3el.CANDIDATE_KEYS.get(k, k): v for k, v in own.items() if v != inherited[k]})
     return launch
 
 

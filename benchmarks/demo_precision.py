@@ -70,6 +70,7 @@ def load_inputs(path: str) -> tuple[dict, list[str], list[str], dict]:
 
 
 def ranking_figures(ranks: torch.Tensor) -> dict:
+    """MR, MRR and Hits@1 (the package's metric module needs `evaluate` and `datasets`, which the GPU machines lack)."""
     ranks = ranks.double()
     return {"mr": float(ranks.mean()), "mrr": float((1 / ranks).mean()), "hits@1": float((ranks == 1).double().mean())}
 

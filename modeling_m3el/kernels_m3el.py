@@ -339,19 +339,27 @@ def _key(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.float32 else "half"
 
 
-def _launch(dtype: torch.dtype, candidates: bool = False) -> dict:
-    """The launch of the grid kernel (or, with `candidates`, of the candidates kernel) for an index of `dtype`:
-    `LAUNCH`'s entry, the candidates kernel's own keys (`candidate_rows`, ...) in place of the grid's."""
-    launch = LAUNCH[_key(dtype)]
+# The candidates kernel's own keys of a launch, in place of the grid's (absent: the grid's; stages: 1).
+CANDIDATE_KEYS = {"rows": "candidate_rows", "warps": "candidate_warps", "stages": "candidate_stages",
+                  "registers": "candidate_registers"}
+
+
+def resolve_launch(launch: dict, candidates: bool = False) -> dict:
+    """What the grid kernel (or, with `candidates`, the candidates kernel) takes from a launch of `LAUNCH`'s format,
+    defaults filled in: rows, warps, stages, registers and precision, and mentions (grid) or hoist (candidates)."""
+    resolved = {"rows": launch["rows"], "warps": launch["warps"], "stages": launch.get("stages", 1),
+                "registers": launch.get("registers"), "precision": launch.get("precision", "")}
     if not candidates:
-        return launch
-    return {
-        **launch, "rows": launch.get("candidate_rows", launch["rows"]),
-        "warps": launch.get("candidate_warps", launch["warps"]),
-        # its own stages: at the grid's 2 its loop (no branch) would be pipelined past the shared memory of an SM
-        "stages": launch.get("candidate_stages", 1),
-        "registers": launch.get("candidate_registers", launch.get("registers")),
-    }
+        return {**resolved, "mentions": launch.get("mentions", 1)}
+    own = {key: launch[name] for key, name in CANDIDATE_KEYS.items() if name in launch}
+    # its own stages (default 1): at the grid's 2 its loop (no branch) would be pipelined past the shared memory of
+    # an SM
+    return {**resolved, "stages": 1, **own, "hoist": launch.get("hoist", False)}
+
+
+def _launch(dtype: torch.dtype, candidates: bool = False) -> dict:
+    """`resolve_launch` of `LAUNCH`'s entry for an index of `dtype`."""
+    return resolve_launch(LAUNCH[_key(dtype)], candidates)
 
 
 def _tile_rows(lq: int, dtype: torch.dtype, candidates: bool = False) -> int:
@@ -373,11 +381,11 @@ def _parameters(
     lkp, dp = _padded(lk), _padded(d)
     rows = _tile_rows(lq, dtype, candidates)  # a program's query rows: as many whole entities as fit
     block_entities = rows // lq
-    precision = launch.get("precision", "")  # "": half precision, the tensor cores' own products
+    precision = launch["precision"]  # "": half precision, the tensor cores' own products
     constants = {
         "LQ": lq, "LK": lk, "D": d, "LKP": lkp, "DP": dp,
         "ROWS": rows, "BLOCK_E": block_entities, "EP": _padded(block_entities), "BLOCK_B": block_mentions,
-        "MB": launch.get("mentions", 1),
+        "MB": launch.get("mentions", 1),  # (the candidates kernel takes none)
         "HAS_MASK": has_mask, "PRECISION": precision,
         # the two small products (per-entity sums of the attention, then the values): float32's own precision for
         # a float32 index, TF32 for a half-precision one (finer than the bf16/fp16 inputs)
@@ -387,8 +395,8 @@ def _parameters(
     }
     # FP fusion (multiply-adds fused) stated rather than left to Triton's default, which Triton 3.9 warns about
     warps = 4 if rows * dp < 16384 else launch["warps"]
-    options = {"num_warps": warps, "num_stages": launch.get("stages", 1), "enable_fp_fusion": True}
-    if launch.get("registers"):
+    options = {"num_warps": warps, "num_stages": launch["stages"], "enable_fp_fusion": True}
+    if launch["registers"]:
         options["maxnreg"] = launch["registers"]
     return constants, options
 
@@ -407,7 +415,7 @@ def candidate_launch_parameters(lq: int, lk: int, d: int, dtype: torch.dtype) ->
     `CANDIDATE_STEPS` tiles a program."""
     constants, options = _parameters(lq, lk, d, dtype, True)
     constants = {k: v for k, v in constants.items() if k not in ("BLOCK_B", "MB", "HAS_MASK")}
-    return {**constants, "STEPS": CANDIDATE_STEPS, "HOIST": LAUNCH[_key(dtype)].get("hoist", False)}, options
+    return {**constants, "STEPS": CANDIDATE_STEPS, "HOIST": _launch(dtype, True)["hoist"]}, options
 
 
 def candidate_programs(candidates: torch.Tensor, per_program: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
