@@ -57,6 +57,9 @@ class TrainingConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    # recompute each CLIP layer's activations in the backward pass instead of keeping them: less memory, more time
+    # (the same gradients); transformers' `activation_checkpointing_enable`
+    activation_checkpointing: bool = False
     # optimisation: the recipe of SPEC 5
     seed: int = 43
     num_epochs: int = 20
@@ -381,6 +384,8 @@ def main(argv=None):
     model, processor = build_model_and_processor(config)
     if config.lora:
         apply_lora(model, config)
+    if config.activation_checkpointing:
+        model.activation_checkpointing_enable()
     # On CUDA the fused AdamW kernel (one launch for all parameters; the same update up to rounding).
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, config.weight_decay), lr=config.learning_rate,
@@ -428,8 +433,9 @@ def main(argv=None):
     logger.info("  dataset: %s, %d train mentions, %d entities", benchmark.name, len(train), len(benchmark.entities))
     logger.info("  processes: %d, batch per device: %d, accumulation: %d -> effective batch %d (in-batch negatives "
                 "per mention: %d)", world, per_device, config.gradient_accumulation_steps, effective, global_batch - 1)
-    logger.info("  epochs: %d, optimiser steps per epoch: %d, mixed precision: %s, LoRA: %s", config.num_epochs,
-                steps_per_epoch, accelerator.mixed_precision, config.lora)
+    logger.info("  epochs: %d, optimiser steps per epoch: %d, mixed precision: %s, LoRA: %s, activation "
+                "checkpointing: %s", config.num_epochs, steps_per_epoch, accelerator.mixed_precision, config.lora,
+                config.activation_checkpointing)
 
     # 7. Train, evaluating on dev every few epochs, keeping the best model by dev MRR.
     best_dir = os.path.join(config.output_dir, "best_model")

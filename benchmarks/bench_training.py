@@ -1,6 +1,8 @@
 """Training throughput: M3EL's full training step (both CLIP passes, the matching network, the SPEC 4.3 loss,
 backward, AdamW) on random inputs, in float32 and under bf16 autocast, with optional speed-ups (fused AdamW,
-torch.compile, TF32): mentions/s and peak memory.
+torch.compile, TF32) and activation checkpointing: mentions/s and peak memory (on a GPU, the allocator's peak over the
+timed steps; on the CPU, the peak of one step's allocations above what was held before it, from the profiler's
+allocation events: activations, gradients and temporaries).
 
     python benchmarks/bench_training.py --model b32 --batch 128 --steps 200      # on a GPU: the issue's check
     python benchmarks/bench_training.py --check                                   # tiny, CPU, a few steps
@@ -19,6 +21,8 @@ from common import (
     add_common_arguments,
     apply_threads,
     build_model,
+    cpu_allocation_peak,
+    gib,
     machine,
     markdown_table,
     synchronize,
@@ -44,7 +48,7 @@ def random_batch(model, batch: int, device, generator: torch.Generator) -> dict:
     return inputs
 
 
-VARIANT_OPTIONS = ("fused", "compile", "tf32")
+VARIANT_OPTIONS = ("fused", "compile", "tf32", "ckpt")
 
 
 def parse_variant(variant: str) -> tuple[str, set[str]]:
@@ -58,9 +62,12 @@ def parse_variant(variant: str) -> tuple[str, set[str]]:
 
 def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int, variant: str, seed: int) -> dict:
     """One variant: a precision (float32, or autocast to bfloat16/float16) and options: `fused` (the fused AdamW
-    kernel, as `train_accelerate.py` uses on CUDA), `compile` (`torch.compile` of the model), `tf32` (TF32 matmuls)."""
+    kernel, as `train_accelerate.py` uses on CUDA), `compile` (`torch.compile` of the model), `tf32` (TF32 matmuls),
+    `ckpt` (activation checkpointing of CLIP's layers, `train_accelerate.py --activation_checkpointing true`)."""
     precision, options = parse_variant(variant)
     model = build_model(model_size, mode, device, seed).train()
+    if "ckpt" in options:
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=1e-5, eps=1e-4, weight_decay=1e-4, **({"fused": True} if "fused" in options else {})
     )
@@ -88,7 +95,10 @@ def run(model_size: str, mode: str, device, batch: int, steps: int, warmup: int,
         torch.cuda.reset_peak_memory_stats(device)
     loss, seconds = timed(lambda: [step() for _ in range(steps)][-1], device)
     synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:  # one more step, untimed, under the profiler
+        peak = cpu_allocation_peak(step) if torch.device(device).type == "cpu" else None
     return {
         "model": model_size, "mode": mode, "variant": variant, "precision": precision, "batch": batch, "steps": steps,
         "ms_per_step": 1000 * seconds / steps, "mentions_per_s": batch * steps / seconds,
@@ -103,12 +113,13 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--variants", default="float32,bfloat16", help="comma-separated: a precision (float32, or "
                         "autocast to bfloat16/float16), optionally followed by +fused (fused AdamW), +compile "
-                        "(torch.compile), +tf32 (TF32 matmuls): e.g. float32,bfloat16,bfloat16+fused+compile")
+                        "(torch.compile), +tf32 (TF32 matmuls), +ckpt (activation checkpointing): e.g. "
+                        "float32,bfloat16,bfloat16+fused+compile,float32+ckpt")
     args = parser.parse_args(argv)
     apply_threads(args.threads)
     if args.check:
         args.model, args.batch, args.steps, args.warmup = "tiny", 8, 3, 1
-        args.variants = "float32,bfloat16+fused"
+        args.variants = "float32,bfloat16+fused,float32+ckpt"
     variants = args.variants.split(",")
     for variant in variants:
         parse_variant(variant)  # refuse a bad list before the first run
@@ -117,15 +128,16 @@ def main(argv=None):
         results.append(run(args.model, args.mode, args.device, args.batch, args.steps, args.warmup, variant, args.seed))
         # Each variant's line as soon as it is measured: a later one that fails or runs out of time loses nothing.
         result = results[-1]
-        peak = "-" if result["peak_gib"] is None else f"{result['peak_gib']:.2f} GiB"
+        peak = "-" if result["peak_gib"] is None else gib(result["peak_gib"] * 2**30)
         print(f"{variant}: {result['ms_per_step']:.1f} ms/step, {result['mentions_per_s']:.0f} mentions/s, peak {peak}",
               flush=True)
     print(f"Training step, {args.model} model, {args.mode}, batch {args.batch}, {args.steps} timed steps; "
           f"{machine(args.device)}")
+    where = "one step's allocations above the memory held before it" if args.device == "cpu" else "allocated"
     print(markdown_table(
-        ["variant", "ms/step", "mentions/s", "peak memory", "loss after"],
+        ["variant", "ms/step", "mentions/s", f"peak memory ({where})", "loss after"],
         [[r["variant"], f"{r['ms_per_step']:.1f}", f"{r['mentions_per_s']:.0f}",
-          "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB", f"{r['final_loss']:.3f}"] for r in results],
+          "-" if r["peak_gib"] is None else gib(r["peak_gib"] * 2**30), f"{r['final_loss']:.3f}"] for r in results],
     ))
     for result in results:
         if not torch.isfinite(torch.tensor(result["final_loss"])):

@@ -169,6 +169,33 @@ def best_of(fn, device, repeat: int):
     return result, best
 
 
+def cpu_allocation_peak(fn) -> int | None:
+    """Run `fn` once under the profiler and return the peak, in bytes, of the CPU memory it allocated and had not yet
+    freed (the memory held before it is not counted): the running sum of the allocation events (frees are negative)
+    in time order. None where this torch's profiler gives no allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        from torch._C._profiler import _EventType
+
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except (AttributeError, ImportError):
+        return None
+    events, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    held = peak = 0
+    for _, size in sorted(events, key=lambda event: event[0]):
+        held += size
+        peak = max(peak, held)
+    return peak if events else None
+
+
 def machine(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

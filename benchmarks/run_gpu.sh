@@ -109,10 +109,11 @@ fi
 
 if [ "${1:-all}" = training ]; then
   # Both CLIP passes, the matcher, the loss, backward and AdamW; 50 timed steps per variant after 5 warm-up steps:
-  # fp32 (the recipe), bf16 autocast, + the fused AdamW of train_accelerate.py, + torch.compile (last: it compiles
-  # for a minute or more; each variant's line is printed as soon as it is measured).
-  BUDGET_S=300 bench bench_training training_b32_batch128 300 --model b32 --batch 128 --steps 50 --warmup 5 \
-    --variants float32,bfloat16,bfloat16+fused,bfloat16+fused+compile
+  # fp32 (the recipe), bf16 autocast, + the fused AdamW of train_accelerate.py, activation checkpointing (fp32, and
+  # bf16 with the fused AdamW), + torch.compile (last: it compiles for a minute or more; each variant's line is
+  # printed as soon as it is measured).
+  BUDGET_S=360 bench bench_training training_b32_batch128 360 --model b32 --batch 128 --steps 50 --warmup 5 \
+    --variants float32,bfloat16,bfloat16+fused,float32+ckpt,bfloat16+fused+ckpt,bfloat16+fused+compile
   exit $status
 fi
 
@@ -144,9 +145,10 @@ bench bench_two_stage two_stage_100k 90 --model b32 --sizes 100000 --backends "t
 # 6. Extras, as time allows: the exact ranker with the G2L of plain PyTorch instead of the fused kernel (fp32) ...
 M3EL_G2L_KERNEL=torch bench bench_exact_ranking exact_ranking_110k_pytorch_g2l 50 --model b32 --sizes 109976 \
   --mentions 128 --naive-mentions 20 --fast-dtype none
-# ... and the training step with bf16 autocast alone (the authors' bf16 setting) and with torch.compile.
-bench bench_training training_b32_batch128_more 150 --model b32 --batch 128 --steps 50 --warmup 5 \
-  --variants bfloat16,bfloat16+fused+compile
+# ... and the training step with bf16 autocast alone (the authors' bf16 setting), with activation checkpointing
+# (fp32 and bf16: its memory and time) and with torch.compile.
+bench bench_training training_b32_batch128_more 180 --model b32 --batch 128 --steps 50 --warmup 5 \
+  --variants bfloat16,float32+ckpt,bfloat16+fused+ckpt,bfloat16+fused+compile
 # ... and EntityIndex.build from JPEG files with 0, 4, 8 and 15 threads reading the images ahead of the model.
 bench bench_image_reading image_reading_b32 60 --model b32 --sizes 4096 --workers 4,8,15 --batch-size 256
 echo -e "\n(run_gpu.sh: $((SECONDS - START)) s)" | tee -a "$TABLES"

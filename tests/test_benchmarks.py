@@ -131,14 +131,18 @@ def test_demo_precision_on_the_trained_demo_model(demo_run, demo_data, tmp_path)
         assert row["ranks_equal_to_float32"] == pytest.approx(float((ranks == reference).double().mean()))
 
 
-def test_training_benchmark_runs_both_precisions(tmp_path):
+def test_training_benchmark_runs_both_precisions_and_checkpointing(tmp_path):
     stdout, payload = _run("bench_training.py", tmp_path)
-    assert [r["precision"] for r in payload["results"]] == ["float32", "bfloat16"]
-    assert [r["variant"] for r in payload["results"]] == ["float32", "bfloat16+fused"]
+    assert [r["precision"] for r in payload["results"]] == ["float32", "bfloat16", "float32"]
+    assert [r["variant"] for r in payload["results"]] == ["float32", "bfloat16+fused", "float32+ckpt"]
     for result in payload["results"]:
         assert result["batch"] == 8 and result["steps"] == 3 and result["mentions_per_s"] > 0
         assert 0 < result["final_loss"] < 100
-    assert "| float32 |" in stdout and "| bfloat16+fused |" in stdout
+    assert "| float32 |" in stdout and "| bfloat16+fused |" in stdout and "| float32+ckpt |" in stdout
+    plain, _, recomputed = payload["results"]
+    # The same training (the same bits on the CPU), with fewer activations kept between the forward and the backward.
+    assert recomputed["final_loss"] == plain["final_loss"]
+    assert 0 < recomputed["peak_gib"] < plain["peak_gib"]
 
 
 def test_index_memory_benchmark_counts_every_tensor(tmp_path):

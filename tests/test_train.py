@@ -133,3 +133,52 @@ def test_lora_run_exports_merged_weights(demo, tmp_path):
     # During training the adapters, not CLIP's own weights, changed: the checkpoint holds LoRA weights.
     checkpoint = _checkpoint_weights(out, 3)
     assert any("lora_A" in name for name in checkpoint) and any("lora_B" in name for name in checkpoint)
+
+
+def test_activation_checkpointing_trains_to_the_same_weights(demo, tmp_path):
+    common = ["--dataset_dir", demo, "--num_epochs", "1", "--max_train_steps", "3", *SMALL]
+    launch([*common, "--output_dir", str(tmp_path / "kept")])
+    result = launch([*common, "--output_dir", str(tmp_path / "recomputed"), "--activation_checkpointing", "true"])
+    assert "activation checkpointing: True" in result.stderr
+    kept, recomputed = _checkpoint_weights(tmp_path / "kept", 3), _checkpoint_weights(tmp_path / "recomputed", 3)
+    assert kept.keys() == recomputed.keys()
+    for name, tensor in kept.items():  # the recomputed forward pass is the same computation: the same bits
+        assert torch.equal(recomputed[name], tensor), name
+    # The exported model loads without it (a training setting, not part of the model).
+    from modeling_m3el import M3ELModel
+
+    assert not M3ELModel.from_pretrained(tmp_path / "recomputed" / "model").is_activation_checkpointing
+
+
+def test_activation_checkpointing_recomputes_clip_layers_under_lora():
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests" / "scripts"))
+    try:
+        from gathered_negatives import build
+        from train_accelerate import TrainingConfig, apply_lora
+    finally:
+        del sys.path[:2]
+    model, batch = build("text_to_image")
+    apply_lora(model, TrainingConfig(lora=True, lora_r=4, lora_alpha=8))
+    model.train()
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it act so that its A matrices get gradients too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, return_loss=True).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, kept = gradients()
+    model.activation_checkpointing_enable()
+    layers = [m for m in model.modules() if type(m).__name__ == "CLIPEncoderLayer"]
+    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    recomputed_loss, recomputed = gradients()
+    assert torch.equal(recomputed_loss, loss)
+    assert kept.keys() == recomputed.keys() and sum("lora_A" in n for n in kept) == sum("lora_B" in n for n in kept) > 0
+    assert all(kept[n].abs().max() > 0 for n in kept if "lora_A" in n)
+    for name, grad in kept.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-6, atol=0, msg=name)
