@@ -7,6 +7,10 @@ value: independent random mentions).
 
     python benchmarks/bench_two_stage.py --model tiny --sizes 2000,10000                        # CPU
     python benchmarks/bench_two_stage.py --model b32 --sizes 100000 --backends torch,ivf --device cuda
+
+Stage 1 by `TwoStageRetriever`'s backends (flat, ivf, hnsw: faiss; torch: matrix products) over the dot-product parts
+of the score, or `estimate`: `EntityIndex.topk(candidates=K)`, the pipeline's `candidates`, whose stage 1 is
+`M3ELModel.score_estimate` (the dot-product parts and the G2L parts' centres) over the index's own tensors.
 """
 
 import argparse
@@ -36,7 +40,7 @@ from common import (
 
 from modeling_m3el import M3ELFeatures
 from modeling_m3el.index_m3el import EntityIndex, model_fingerprint
-from modeling_m3el.retrieval import TwoStageRetriever
+from modeling_m3el.retrieval import CandidateRecall, TwoStageRetriever
 
 MAX_K_FRACTION = 0.02  # the issue's bound: K at most 2% of the KB
 
@@ -67,7 +71,8 @@ def random_index(model, num_entities: int, device, dtype, generator, keep_rows: 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_launch_argument(add_common_arguments(parser, sizes="2000,10000"))
-    parser.add_argument("--backends", default="flat,ivf,hnsw", help="comma-separated: flat, ivf, hnsw, torch")
+    parser.add_argument("--backends", default="flat,ivf,hnsw,estimate",
+                        help="comma-separated: flat, ivf, hnsw, torch, estimate")
     parser.add_argument("--k", default="0.5%,2%", help="comma-separated K: entity counts or percentages of the KB "
                         f"(at most {100 * MAX_K_FRACTION:g}%%)")
     parser.add_argument("--mentions", type=int, default=None, help="mentions per timing (default 256 on GPU, 64 "
@@ -145,7 +150,7 @@ def run(args) -> dict:
         )
         exact_top1 = torch.cat([rows[:, 0] for _, rows, _ in exact])
         for backend in args.backends:
-            retriever, retriever_seconds = timed(
+            retriever, retriever_seconds = (None, 0.0) if backend == "estimate" else timed(
                 lambda: TwoStageRetriever(
                     index, model, k_candidates=1, backend=backend, use_gpu=args.use_gpu_faiss, nlist=args.nlist,
                     nprobe=args.nprobe, hnsw_m=args.hnsw_m, hnsw_ef_search=args.hnsw_ef_search,
@@ -154,12 +159,20 @@ def run(args) -> dict:
                 device,
             )
             for k in k_values(args.k, num_entities):
-                def search(m, k=k):
-                    return retriever.search(m, k=10, k_candidates=k)
+                def search(m, k=k, top=10):
+                    if retriever is None:
+                        return index.topk(model, m, k=top, candidates=k, memory_budget_bytes=budget)
+                    return retriever.search(m, k=top, k_candidates=k)
                 in_batches(search, _head(mentions, 2), 2)  # warm-up
                 found, seconds = best_of(lambda: in_batches(search, mentions, args.mention_batch), device, args.repeat)
                 two_stage_top1 = torch.cat([rows[:, 0] for _, rows, _ in found])
-                recall = retriever.candidate_recall(mentions, k_candidates=k, exact_top1_rows=exact_top1)
+                if retriever is None:  # all K candidates (untimed): is the exact top-1 among them?
+                    candidates = torch.cat([rows for _, rows, _ in in_batches(
+                        lambda m, k=k: search(m, k, top=k), mentions, args.mention_batch)])
+                    hits = (candidates == exact_top1[:, None].to(candidates.device)).any(dim=1)
+                    recall = CandidateRecall(float(hits.float().mean()), int(hits.sum()), len(hits), k, hits)
+                else:
+                    recall = retriever.candidate_recall(mentions, k_candidates=k, exact_top1_rows=exact_top1)
                 results.append({
                     "entities": num_entities,
                     "backend": backend,

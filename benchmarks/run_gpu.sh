@@ -99,8 +99,9 @@ if [ "${1:-all}" = kernel ]; then
   # and without the refinement of the undecided pairs' bounds (one G2L block first), to see what it saves here
   bench bench_exact_ranking exact_ranking_110k_unrefined 50 --model b32 --sizes 109976 --mentions 256 \
     --naive-mentions 10 --no-refine "${launch[@]}"
-  bench bench_two_stage two_stage_1m 60 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
-    --index-dtype bfloat16 "${launch[@]}"
+  # (stage 1 by torch's products over the dot-product parts, and by `estimate`: EntityIndex.topk(candidates=K))
+  bench bench_two_stage two_stage_1m 75 --model b32 --sizes 1000000 --backends torch,estimate --k 0.1%,1% \
+    --mentions 256 --index-dtype bfloat16 "${launch[@]}"
   bench bench_two_stage two_stage_100k 40 --model b32 --sizes 100000 --backends torch --k 0.1%,1%,2% \
     --mentions 256 "${launch[@]}"
   echo -e "\n(run_gpu.sh kernel: $((SECONDS - START)) s)" | tee -a "$TABLES"
@@ -134,9 +135,10 @@ bench bench_training training_b32_batch128 150 --model b32 --batch 128 --steps 2
   --variants float32,bfloat16+fused
 # 4. Entity encoding from preprocessed tensors: the authors' path, EntityIndex in fp32 and with a bf16 model.
 bench bench_entity_encoding entity_encoding 60 --model b32 --sizes 8192
-# 5. Two-stage retrieval at 1M entities (bf16 index, 18 GiB; stage 1 with torch on the GPU) ...
-bench bench_two_stage two_stage_1m 150 --model b32 --sizes 1000000 --backends torch --k 0.1%,1% --mentions 256 \
-  --index-dtype bfloat16 "${launch[@]}"
+# 5. Two-stage retrieval at 1M entities (bf16 index, 18 GiB; stage 1 with torch on the GPU, and by `estimate`:
+#    EntityIndex.topk(candidates=K), the pipeline's) ...
+bench bench_two_stage two_stage_1m 150 --model b32 --sizes 1000000 --backends torch,estimate --k 0.1%,1% \
+  --mentions 256 --index-dtype bfloat16 "${launch[@]}"
 # ... and at 100k (fp32 index; stage 1 on the GPU with torch, and faiss IVF on the CPU).
 ivf=",ivf"
 python3 -c "import faiss" 2>/dev/null || ivf=""

@@ -1,10 +1,11 @@
 """Inference Endpoints custom handler for an M3EL linker, shipped at the root of the model repo.
 
-Request: `{"inputs": MENTION or [MENTION, ...], "parameters": {"top_k": 5}}`, where a MENTION is
+Request: `{"inputs": MENTION or [MENTION, ...], "parameters": {"top_k": 5}}` (and optionally `"candidates": K`: only
+the K entities of best estimated score are scored exactly, for a large KB; see the pipeline), where a MENTION is
 `{"mention": "Jaguar", "text": "the Jaguar at the zoo today", "image": "<base64 image bytes or a data URL>"}` (`image`
 optional). Response: the top-k entities of the mention (a list of `{"rank", "id", "name", "description", "score",
 "probability", "image"}`), or one such list per mention; `image` is the entity image's path in the model repo.
-A bad request (not JSON of that shape, a missing field, empty text, an unreadable image, top_k <= 0) gets
+A bad request (not JSON of that shape, a missing field, empty text, an unreadable image, top_k <= 0, ...) gets
 `{"error": "<what is wrong>"}`, never a stack trace. Images must come inline: the endpoint opens no local path and
 fetches no URL on a client's behalf.
 """
@@ -17,7 +18,7 @@ import torch
 from transformers import pipeline
 
 TASK = "multimodal-entity-linking"
-PARAMETERS = ("top_k",)
+PARAMETERS = ("top_k", "candidates")
 MAX_MENTIONS = 256  # per request
 
 

@@ -145,7 +145,7 @@ def _link(args) -> int:
         linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=entities,
                                            device=model.device)
         results = linker({"mention": args.mention, "text": args.sentence, "image": args.image}, top_k=args.top_k,
-                         unreadable_image=args.unreadable_image)
+                         candidates=args.candidates, unreadable_image=args.unreadable_image)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.json:
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--sentence", "--text", dest="sentence", required=True, help="the sentence it occurs in")
     link.add_argument("--image", default=None, help="the image posted with it: a path or an http(s) URL (optional)")
     link.add_argument("--top-k", type=int, default=5, help="entities to return (default: 5)")
+    link.add_argument("--candidates", type=int, default=None,
+                      help="score exactly only the K entities of best estimated score (a large KB; approximate); "
+                           "default: every entity")
     link.add_argument("--index", default=None, help="a folder saved with EntityIndex.save (m3el index); default: "
                                                     "the model folder's own index")
     link.add_argument("--entities", default=None, help="the KB's entities.jsonl (names, descriptions, images); "

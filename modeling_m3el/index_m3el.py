@@ -735,6 +735,18 @@ class EntityIndex:
         upper[rows, columns] += (exact - center - radius) / scale
         return lower, upper, int(rows.numel()), (block, known)
 
+    def _best_estimated(self, model: M3ELModel, mentions: dict, count: int, chunks) -> torch.Tensor:
+        """Rows (B, count) of each mention's `count` entities with the best `model.score_estimate`, best first."""
+        best_estimate, best_rows = None, None
+        for start, stop in chunks:
+            estimate = model.score_estimate(mentions, self._prepared(start, stop))
+            rows = torch.arange(start, stop, device=self.device).expand(estimate.shape[0], -1)
+            if best_estimate is not None:
+                estimate, rows = torch.cat([best_estimate, estimate], dim=1), torch.cat([best_rows, rows], dim=1)
+            best_estimate, slot = estimate.topk(min(count, estimate.shape[1]), dim=1)
+            best_rows = rows.gather(1, slot)
+        return best_rows
+
     def _on_index(self, mentions: dict) -> dict:
         """Prepared mention tensors moved to this index's device and dtype."""
         return {b: {k: t.to(self.device, self.dtype) for k, t in part.items()} for b, part in mentions.items()}
@@ -867,17 +879,36 @@ class EntityIndex:
         chunk_size: int | None = None,
         memory_budget_bytes: int = 2**30,
         stats: dict | None = None,
+        candidates: int | None = None,
     ):
         """
         Top-k entities per mention by exact score: (scores (B, k) float32, entity rows (B, k), entity ids [[...]]).
 
-        With `prune` (the default), the same top k with less work: every entity gets cheap bounds on its score
-        (`M3ELModel.score_bounds`); the k entities with the best estimate are scored exactly, the lowest of those k
-        scores is one the true top k all reach, and only the entities whose upper bound reaches it are scored
-        exactly. `prune=False` scores every entity. `stats` as in `rank`.
+        With `prune` (the default), the same top k with less work: the k entities with the best estimate
+        (`M3ELModel.score_estimate`: dot products only) are scored exactly, the lowest of those k scores is one the
+        true top k all reach, every entity gets cheap bounds on its score (`M3ELModel.score_bounds`), and only those
+        whose upper bound reaches it are scored exactly. `prune=False` scores every entity. `stats` as in `rank`.
+
+        `candidates` (K), for KBs too large to rank in full per request: the K entities with the best estimate are
+        scored exactly and the top k of those returned (k at most K; `prune` does not apply). Approximate: an entity
+        whose G2L parts lift it above its estimate's top K is missed (`modeling_m3el.retrieval` measures how often,
+        and searches with faiss). K at least the KB size is the exact top k.
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
+                                       or candidates <= 0):
+            raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+        if candidates is not None and candidates < len(self):
+            mentions, num_mentions = self._prepared_mentions(model, mention_features)
+            chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
+            rows = self._best_estimated(model, mentions, candidates, chunks)  # (B, K)
+            exact = self.score_prepared_candidates(model, mentions, rows, memory_budget_bytes).float()
+            if stats is not None:
+                stats.update(pairs=num_mentions * len(self), scored=rows.numel())
+            values, slot = exact.topk(min(k, candidates), dim=1)
+            rows = rows.gather(1, slot)
+            return values, rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
         k = min(k, len(self))
         if not prune:
             scores = self.scores(model, mention_features, chunk_size, memory_budget_bytes)
@@ -887,19 +918,10 @@ class EntityIndex:
             return values, rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
         mentions, num_mentions = self._prepared_mentions(model, mention_features)
         chunks = list(self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes))
-        # Pass 1: the k entities of each mention with the best estimate (the middle of the bounds), scored exactly:
-        # the k-th best of these scores is a score the true top k all reach.
+        # Pass 1: the k entities of each mention with the best estimate, scored exactly: the k-th best of these
+        # scores is a score the true top k all reach.
         spans = model.mention_spans(mentions)
-        best_middle, best_rows = None, None
-        for start, stop in chunks:
-            lower, upper = model.score_bounds(mentions, self._prepared(start, stop), spans)
-            middle = lower.add_(upper).div_(2)
-            rows = torch.arange(start, stop, device=self.device).expand(num_mentions, -1)
-            if best_middle is not None:
-                middle, rows = torch.cat([best_middle, middle], dim=1), torch.cat([best_rows, rows], dim=1)
-            best_middle, slot = middle.topk(min(k, middle.shape[1]), dim=1)
-            best_rows = rows.gather(1, slot)
-        seeds = best_rows.reshape(-1)
+        seeds = self._best_estimated(model, mentions, k, chunks).reshape(-1)
         everyone = torch.arange(num_mentions, device=self.device).repeat_interleave(k)
         threshold = self._score_pairs(model, mentions, everyone, seeds, memory_budget_bytes)
         threshold = threshold.view(num_mentions, k).min(dim=1).values  # NaN if any of the k is NaN

@@ -724,36 +724,18 @@ class M3ELModel(M3ELPreTrainedModel):
         "branches": a block's G2L part enters both bounds as `(center -+ radius) / (2 * branches)`, so once it is
         known exactly (g), the bounds narrow by adding `(g - center +- radius) / (2 * branches)`.
         """
-        dense, center, radius, magnitude, g2l_size = None, 0.0, 0.0, None, 0.0
-        num_branches = 0
-        dtype = next(iter(next(iter(entities.values())).values())).dtype
-        work = torch.promote_types(dtype, torch.float32)
-
-        def add(mention_vectors, entity_vectors, weight):
-            nonlocal dense, magnitude
-            mention_vectors, entity_vectors = mention_vectors.to(work), entity_vectors.to(work)
-            product = (mention_vectors @ entity_vectors.T) * weight
-            # |<m, e>| <= |m| |e| bounds the size of every term of the dot product, hence of its rounding error.
-            size = mention_vectors.norm(dim=-1)[:, None] * entity_vectors.norm(dim=-1)[None, :] * weight
-            dense = product if dense is None else dense.add_(product)
-            magnitude = size if magnitude is None else magnitude.add_(size)
-
+        center, radius, g2l_size = 0.0, 0.0, 0.0
+        dense, magnitude, num_branches = self._dot_product_parts(mentions, entities, sizes=True)
+        work = dense.dtype
         if spans is None:
             spans = self.mention_spans(mentions)
-        for name, block in (("text", self.text_matching), ("image", self.image_matching)):
-            if block is not None:
-                num_branches += 1
-                add(mentions[name]["embeds"], entities[name]["embeds"], 0.5)
-                block_center, block_radius = block.global_to_local_bounds(entities[name], spans[name])
-                center, radius = center + block_center / 2, radius + block_radius / 2
-                if parts is not None:
-                    parts[name] = (block_center, block_radius)
-                # the rounding of the exact G2L score scales with its terms, within the mention-independent radius
-                g2l_size = g2l_size + (block_center.abs() + block.global_to_local_bounds(entities[name])[1]) / 2
-        if self.cross_modal_matching is not None:
-            for name, vector in mentions["cross_modal"].items():
-                num_branches += 1
-                add(vector, entities["cross_modal"][name], 1.0)
+        for name, block in self._intra_modal_blocks():
+            block_center, block_radius = block.global_to_local_bounds(entities[name], spans[name])
+            center, radius = center + block_center / 2, radius + block_radius / 2
+            if parts is not None:
+                parts[name] = (block_center, block_radius)
+            # the rounding of the exact G2L score scales with its terms, within the mention-independent radius
+            g2l_size = g2l_size + (block_center.abs() + block.global_to_local_bounds(entities[name])[1]) / 2
         # Relative margin for rounding: generous next to float32's accumulated error over the widths here (<= 1e-5);
         # the scores of a half-precision index are computed in float32 from its half-precision tensors, so the same
         # margin holds, unless torch's float32 products round their inputs (TF32, bfloat16) or autocast is on.
@@ -769,6 +751,46 @@ class M3ELModel(M3ELPreTrainedModel):
         if parts is not None:
             parts["branches"] = num_branches
         return lower, upper
+
+    def _intra_modal_blocks(self):
+        return [(name, block) for name, block in (("text", self.text_matching), ("image", self.image_matching))
+                if block is not None]
+
+    def _dot_product_parts(self, mentions: dict, entities: dict, sizes: bool = False):
+        """
+        The parts of the final score that are dot products of vectors computed for each side alone (G2G text and
+        image, each half of its branch; the cross-modal scores), summed with their weights, not yet divided by the
+        number of branches: (sum (B, E) in float32, or float64 for a float64 index; with `sizes`, the sum of `|m| |e|`
+        times the weights (B, E), which bounds each product's rounding, else None; the number of branches).
+        """
+        dense, magnitude, num_branches = None, None, 0
+        dtype = next(iter(next(iter(entities.values())).values())).dtype
+        work = torch.promote_types(dtype, torch.float32)
+        pairs = [(mentions[name]["embeds"], entities[name]["embeds"], 0.5) for name, _ in self._intra_modal_blocks()]
+        if self.cross_modal_matching is not None:
+            pairs += [(vector, entities["cross_modal"][name], 1.0) for name, vector in mentions["cross_modal"].items()]
+        for mention_vectors, entity_vectors, weight in pairs:
+            num_branches += 1
+            mention_vectors, entity_vectors = mention_vectors.to(work), entity_vectors.to(work)
+            product = (mention_vectors @ entity_vectors.T) * weight
+            dense = product if dense is None else dense.add_(product)
+            if sizes:  # |<m, e>| <= |m| |e| bounds the size of every term of the dot product, hence of its rounding
+                size = mention_vectors.norm(dim=-1)[:, None] * entity_vectors.norm(dim=-1)[None, :] * weight
+                magnitude = size if magnitude is None else magnitude.add_(size)
+        return dense, magnitude, num_branches
+
+    def score_estimate(self, mentions: dict, entities: dict) -> torch.Tensor:
+        """
+        A cheap estimate (B, E) of the final scores `score_prepared(mentions, entities).logits`, float32 (float64
+        for a float64 index): the parts that are dot products exactly, and each G2L part at the centre of its
+        interval (`global_to_local_bounds`: its value for a context orthogonal to the entity's vector), so the middle
+        of `score_bounds`. Dot products of vectors only, no attention: `EntityIndex.topk` picks by it the entities
+        it scores first, and the candidates it re-scores exactly when asked for `candidates`.
+        """
+        dense, _, num_branches = self._dot_product_parts(mentions, entities)
+        for name, block in self._intra_modal_blocks():
+            dense.add_(block.global_to_local_bounds(entities[name])[0][None, :] / 2)
+        return dense.div_(num_branches)
 
     def score_prepared_candidates(self, mentions: dict, candidates: dict) -> M3ELScores:
         """

@@ -98,8 +98,8 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     Outputs: for each mention, its `top_k` entities, best first, each a dict with `rank` (1-based), `id`, `name`,
     `description` and `image` (a local path or URL of the entity's first image, or `None`) from the KB's metadata,
-    `score` (M3EL's final score) and `probability` (the softmax of the scores over the whole KB). Ties keep an
-    arbitrary order.
+    `score` (M3EL's final score) and `probability` (the softmax of the scores over the whole KB, or over the
+    candidates with `candidates`). Ties keep an arbitrary order.
 
     Args:
         model ([`M3ELModel`]): the linker.
@@ -112,6 +112,11 @@ class M3ELEntityLinkingPipeline(Pipeline):
             the KB's metadata (names, descriptions, images) as an `entities.jsonl` path or a list of dicts. Defaults
             to the `entities.jsonl` next to the index; without metadata, results carry ids and scores only.
         top_k (`int`, *optional*, defaults to 5): entities returned per mention (at most the KB's size).
+        candidates (`int`, *optional*): for a KB too large to score in full per request (hundreds of thousands of
+            entities and more): only the `candidates` entities whose cheap estimate of the score is best (its dot
+            products and the G2L parts' centres, `M3ELModel.score_estimate`) are scored exactly, and the `top_k` of
+            those returned (`EntityIndex.topk(candidates=...)`). Approximate: an entity lifted above that cut only by
+            its G2L parts is missed. By default every entity is scored.
         unreadable_image (`str`, *optional*, defaults to `"error"`):
             what to do with an image that is given but cannot be read. `"error"` raises a ValueError naming the
             mention, since a mistyped path or a truncated upload would otherwise be linked silently on text alone.
@@ -206,10 +211,14 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     # ----------------------------------------------------------------------------------------- pipeline steps
 
-    def _sanitize_parameters(self, top_k=None, unreadable_image=None):
+    def _sanitize_parameters(self, top_k=None, unreadable_image=None, candidates=None):
         preprocess, forward = {}, {}
         if top_k is not None:
             forward["top_k"] = check_top_k(top_k)
+        if candidates is not None:
+            if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0:
+                raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+            forward["candidates"] = candidates
         if unreadable_image is not None:
             if unreadable_image not in UNREADABLE_IMAGE_MODES:
                 raise ValueError(f"unreadable_image must be one of {UNREADABLE_IMAGE_MODES}, got {unreadable_image!r}")
@@ -219,7 +228,7 @@ class M3ELEntityLinkingPipeline(Pipeline):
     def __call__(self, inputs, **kwargs):
         """
         Link one mention (a dict) or a list of them; returns one list of entities, or a list of such lists.
-        Keyword arguments: `top_k`, `unreadable_image`, `batch_size`.
+        Keyword arguments: `top_k`, `candidates`, `unreadable_image`, `batch_size`.
         """
         single = isinstance(inputs, dict)
         batch = [inputs] if single else inputs
@@ -252,8 +261,14 @@ class M3ELEntityLinkingPipeline(Pipeline):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         return dict(features)
 
-    def _forward(self, model_inputs, top_k=5):
+    def _forward(self, model_inputs, top_k=5, candidates=None):
         features = self.model.encode(**model_inputs)
+        if candidates is not None and candidates < len(self.index):
+            # the exact scores of the candidates, all of them best first: the softmax is over them
+            scores, rows, _ = self.index.topk(self.model, features, k=candidates, candidates=candidates)
+            top_k = min(top_k, candidates)
+            return {"scores": scores[:, :top_k], "rows": rows[:, :top_k],
+                    "probabilities": scores.softmax(dim=1)[:, :top_k]}
         scores = self.index.scores(self.model, features).float()  # (B, E)
         values, rows = scores.topk(min(top_k, len(self.index)), dim=1)  # (B, k)
         probabilities = scores.softmax(dim=1).gather(1, rows)  # (B, k)

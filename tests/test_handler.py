@@ -34,6 +34,11 @@ def test_one_mention_and_a_list(handler, hub_folder, request_body):
     batch = handler({"inputs": [request_body, data_url, {"mention": "Atlas", "text": "the Atlas"}]})
     assert len(batch) == 3 and all(len(entities) == 5 for entities in batch)  # the pipeline's default top_k
     assert [e["id"] for e in batch[0][:3]] == [e["id"] for e in entities] == [e["id"] for e in batch[1][:3]]
+    # Among candidates: as the pipeline gives them.
+    among = handler({"inputs": request_body, "parameters": {"top_k": 3, "candidates": 4}})
+    expected = handler.linker({**request_body, "image": base64.b64decode(request_body["image"])}, top_k=3, candidates=4)
+    assert [e["id"] for e in among] == [e["id"] for e in expected] and among[0]["id"] == entities[0]["id"]
+    assert [e["probability"] for e in among] == pytest.approx([e["probability"] for e in expected])
 
 
 @pytest.mark.parametrize(
@@ -51,6 +56,8 @@ def test_one_mention_and_a_list(handler, hub_folder, request_body):
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"top_k": 0}}, "top_k must be a positive"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"top_k": -2}}, "top_k must be a positive"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"k": 3}}, "unknown parameter"),
+        ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"candidates": 0}},
+         "candidates must be a positive integer"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": [3]}, "parameters must be an object"),
         ({"mention": "Atlas", "text": "the Atlas"}, "a request is"),
         ("Atlas", "a request is"),

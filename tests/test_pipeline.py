@@ -30,8 +30,10 @@ linker = pipeline("multimodal-entity-linking", model=folder, trust_remote_code=T
 assert type(linker).__module__.startswith("transformers_modules"), type(linker).__module__
 assert type(linker.model).__module__.startswith("transformers_modules"), type(linker.model).__module__
 results = linker(mentions, top_k=2, batch_size=16)
+among = linker(mentions, top_k=2, batch_size=16, candidates=8)  # the exact scores of 8 candidates by estimate
 print(json.dumps({"device": str(linker.device), "dtype": str(linker.model.dtype), "entities": len(linker.index),
-                  "top": [[(e["id"], e["score"], e["name"]) for e in entities] for entities in results]}))
+                  "top": [[(e["id"], e["score"], e["name"]) for e in entities] for entities in results],
+                  "top_among_8": [[(e["id"], e["score"]) for e in entities] for entities in among]}))
 """
 
 
@@ -60,6 +62,13 @@ def test_fresh_process_links_as_often_as_the_runs_hits_at_1(hub_folder, demo_run
     assert hits >= 0.5 * len(test_mentions)  # the demo run learnt something: the comparison is not vacuous
     names = {json.loads(line)["id"]: json.loads(line)["name"] for line in (hub_folder / "entities.jsonl").open()}
     assert all(name == names[entity_id] for entities in top for entity_id, _, name in entities)
+    # Among 8 candidates (5% of the KB), the Hub code finds the exact top-1 of nearly every mention, scored exactly.
+    among = output["top_among_8"]
+    same = [entities[0][0] == exact[0][0] for entities, exact in zip(among, top)]
+    assert sum(same) >= 0.95 * len(top)
+    for entities, exact, found in zip(among, top, same):
+        if found:
+            assert entities[0][1] == pytest.approx(exact[0][1], rel=1e-5, abs=1e-5)
 
 
 def test_the_folder_registers_the_pipeline_and_its_code(hub_folder):
@@ -137,6 +146,34 @@ def test_every_image_form_and_batching_give_the_same_ranking(linker, test_mentio
 def test_bad_inputs_raise_a_clear_value_error(linker, bad, message):
     with pytest.raises(ValueError, match=message):
         linker(bad)
+
+
+def test_candidates_are_rescored_exactly_and_their_softmax_is_the_probability(linker, test_mentions):
+    """`candidates=K`: the top_k of the exact scores of the K entities with the best `score_estimate`, each with the
+    softmax over those K scores; K at least the KB size is the default (every entity scored)."""
+    mentions = [{key: m[key] for key in ("mention", "text", "image")} for m in test_mentions[:10]]
+    model, index = linker.model, linker.index
+    inputs = linker.processor.process_mentions(*zip(*[(m["mention"], m["text"], m["image"]) for m in mentions]))
+    with torch.no_grad():
+        features = model.encode(**inputs)
+        prepared = model.prepare_mentions(features)
+        entities = index._prepared(0, len(index))
+        estimate = model.score_estimate(prepared, entities)
+        exact = model.score_prepared(prepared, entities).logits
+    for results, row_estimate, row_exact in zip(linker(mentions, top_k=3, candidates=6), estimate, exact):
+        chosen = row_estimate.topk(6).indices
+        expected = row_exact[chosen].sort(descending=True)
+        assert [e["id"] for e in results] == [index.entity_ids[int(chosen[i])] for i in expected.indices[:3]]
+        torch.testing.assert_close([e["score"] for e in results], expected.values[:3].tolist(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close([e["probability"] for e in results],
+                                   expected.values.softmax(dim=0)[:3].tolist(), rtol=1e-5, atol=1e-6)
+    # top_k beyond K returns the K candidates
+    assert len(linker(mentions[0], top_k=10, candidates=4)) == 4
+    for everything in (len(index), 10_000):
+        assert linker(mentions, top_k=3, candidates=everything) == linker(mentions, top_k=3)
+    for bad in (0, -2, 1.5, "8", True):
+        with pytest.raises(ValueError, match="candidates must be a positive integer"):
+            linker(mentions[0], candidates=bad)
 
 
 @pytest.mark.parametrize("top_k", [0, -1, 2.5, "3", True])
@@ -223,3 +260,10 @@ def test_m3el_link_command(hub_folder, linker, test_mentions, capsys):
     assert len(table) == 3 and table[0].split()[0] == "1" and expected[0]["id"] in table[0]
     with pytest.raises(SystemExit, match="unreadable image"):
         main([*arguments[:-4], "--image", str(hub_folder / "config.json")])
+    assert main([*arguments, "--candidates", "5", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = linker({key: mention[key] for key in ("mention", "text", "image")}, top_k=3, candidates=5)
+    assert [e["id"] for e in printed] == [e["id"] for e in expected]
+    assert [e["probability"] for e in printed] == pytest.approx([e["probability"] for e in expected])
+    with pytest.raises(SystemExit, match="candidates must be a positive integer"):
+        main([*arguments, "--candidates", "0"])

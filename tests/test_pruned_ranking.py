@@ -425,3 +425,64 @@ def test_nan_features_are_refused_by_name(processor, prune):
     if prune:
         with pytest.raises(ValueError, match=r"is NaN for mention\(s\) \[2\]"):
             index.topk(model, broken, k=3)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_score_estimate_is_the_dot_products_plus_the_g2l_centres(processor, overrides):
+    """`score_estimate`: the score with each G2L part replaced by its centre `<c_e, beta>` (the LayerNorm's bias
+    against the entity's global vector), computed here from the exact scores and the G2L parts in float64; and the
+    middle of the bounds."""
+    model = _model(processor, dtype=torch.float64, **overrides)
+    index, mentions, _ = _kb_and_mentions(model)
+    with torch.no_grad():
+        prepared = model.prepare_mentions(mentions)
+        entities = index._prepared(0, len(index))
+        estimate = model.score_estimate(prepared, entities)
+        expected = model.score_prepared(prepared, entities).logits.clone()
+        for name, block in model._intra_modal_blocks():
+            g2l = block.global_to_local(prepared[name], entities[name])
+            centre = entities[name]["global"] @ block.context_norm.bias
+            expected += (centre[None, :] - g2l) / (2 * len(model.config.branches))
+        lower, upper = model.score_bounds(prepared, entities)
+    assert estimate.dtype == torch.float64 and estimate.shape == (NUM_MENTIONS, NUM_ENTITIES)
+    torch.testing.assert_close(estimate, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(estimate, (lower + upper) / 2, rtol=1e-12, atol=1e-12)
+    if model.text_matching is not None or model.image_matching is not None:
+        assert not torch.allclose(estimate, model.score_prepared(prepared, entities).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"cross_modal": "bidirectional"}, {"use_text_matching": False}])
+def test_topk_among_candidates_rescores_the_best_estimated_exactly(processor, overrides):
+    """`topk(candidates=K)`: the exact scores of the K entities with the best estimate, their top k; K at least the
+    KB size gives the exact top k."""
+    model = _model(processor, g2l_scale=3.0, **WIDE, **overrides)
+    index, mentions, _ = _kb_and_mentions(model, noise=3.0)
+    with torch.no_grad():
+        prepared = model.prepare_mentions(mentions)
+        entities = index._prepared(0, len(index))
+        estimate = model.score_estimate(prepared, entities)
+        exact = model.score_prepared(prepared, entities).logits
+    full_values, full_rows, full_ids = index.topk(model, mentions, k=5, prune=False)
+    for num_candidates in (len(index), len(index) + 7):
+        values, rows, ids = index.topk(model, mentions, k=5, candidates=num_candidates)
+        assert torch.equal(rows, full_rows) and ids == full_ids
+        torch.testing.assert_close(values, full_values, rtol=1e-5, atol=1e-5)
+    missed = 0
+    for num_candidates, chunk_size in ((1, None), (12, None), (12, 50), (40, 7)):
+        stats = {}
+        values, rows, ids = index.topk(model, mentions, k=5, candidates=num_candidates, chunk_size=chunk_size,
+                                       stats=stats)
+        k = min(5, num_candidates)
+        assert rows.shape == values.shape == (NUM_MENTIONS, k)
+        assert stats == {"pairs": NUM_MENTIONS * len(index), "scored": NUM_MENTIONS * num_candidates}
+        chosen = estimate.topk(num_candidates, dim=1).indices
+        among = torch.full_like(exact, float("-inf")).scatter(1, chosen, exact.gather(1, chosen))
+        expected_values, expected_rows = among.topk(k, dim=1)
+        assert torch.equal(rows, expected_rows), num_candidates
+        torch.testing.assert_close(values, expected_values, rtol=1e-5, atol=1e-5)
+        assert ids == [[index.entity_ids[r] for r in row] for row in rows.tolist()]
+        missed += int((rows[:, 0] != full_rows[:, 0]).sum())
+    assert missed > 0  # not vacuous: with few candidates some exact top-1 lie outside them
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="candidates must be a positive integer"):
+            index.topk(model, mentions, k=5, candidates=bad)
