@@ -197,7 +197,9 @@ def _usage(model_id: str, model_dir: str, examples: list[dict]) -> str:
             base64, or left out. `device="cuda"` and `dtype=torch.bfloat16` work as for any pipeline. Link against another
             KB with `index=` (a folder saved with `EntityIndex.save`, or a list of `{{"id", "name", "description", "image"}}`
             dicts, indexed on the spot). An unreadable image raises a `ValueError`; `unreadable_image="zero"` scores it with
-            an all-zero image instead, as the evaluation does.
+            an all-zero image instead, as the evaluation does. Every entity is scored by default; for a KB of millions,
+            `candidates=1000` scores exactly only the 1,000 with the best cheap estimate (dot products, no attention) and
+            returns the best of those (approximate; `probability` is then over the candidates).
             """))
     names, descriptions = ["Paris Hilton", "Paris"], ["American media personality", "capital of France"]
     mention, text, image_line, image_arg = "Paris", "Paris arrives at the premiere.", "", "None"
@@ -340,7 +342,8 @@ gold entity){f"; best dev MRR at epoch {best_epoch}" if best_epoch is not None e
 
 - **Inference Endpoints**: this repository's `handler.py` is a custom handler over the pipeline. Requests are
   `{{"inputs": {{"mention": ..., "text": ..., "image": "<base64>"}}, "parameters": {{"top_k": 5}}}}` (or a list of
-  mentions); a bad request (a missing field, empty text, an unreadable image, `top_k` <= 0) gets `{{"error": ...}}`.
+  mentions; `"candidates": K` among the parameters as in the pipeline); a bad request (a missing field, empty text, an
+  unreadable image, `top_k` <= 0) gets `{{"error": ...}}`.
 - **Gradio Space**: `hub_card/space/app.py` of the m3el package; set `M3EL_MODEL` to this repository.
 
 The Hub's hosted inference widget does not run models with custom code, hence these two.
