@@ -768,13 +768,16 @@ class EntityIndex:
         return self._on_index(model.prepare_mentions(mention_features)), num_mentions
 
     def _bound_chunks(self, num_mentions: int, chunk_size: int | None, memory_budget_bytes: int):
-        """Entity ranges for `score_bounds`: its float32 (B, chunk) products, bounds and masks, and the (B, chunk, r)
-        coordinates of the G2L bound (r: a block's mention tokens, at most d), within the budget."""
+        """Entity ranges for `score_bounds` and `score_estimate`: their float32 (B, chunk) products, bounds and masks,
+        the (B, chunk, r) coordinates of the G2L bound (r: a block's mention tokens, at most d), and the chunk's entity
+        vectors in float32 (and a temporary of each), within the budget."""
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         ranks = [min(self.tensors[f"{b}.query"].shape[1:]) for b in ("text", "image") if f"{b}.query" in self.tensors]
         floats_per_pair = 16 + max(ranks, default=0)
-        step = chunk_size or max(1, min(len(self), memory_budget_bytes // (floats_per_pair * 4 * num_mentions)))
+        floats_per_entity = 2 * sum(t.shape[1] for t in self.tensors.values() if t.dim() == 2)
+        per_entity_bytes = 4 * (floats_per_pair * num_mentions + floats_per_entity)
+        step = chunk_size or max(1, min(len(self), memory_budget_bytes // per_entity_bytes))
         for start in range(0, len(self), step):
             yield start, min(start + step, len(self))
 
