@@ -486,3 +486,21 @@ def test_topk_among_candidates_rescores_the_best_estimated_exactly(processor, ov
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="candidates must be a positive integer"):
             index.topk(model, mentions, k=5, candidates=bad)
+
+
+def test_bound_chunks_keep_the_entity_vectors_within_the_budget(processor):
+    """One mention (the pipeline's call) against a large KB: a chunk's entity vectors in float32 (converted from a
+    half-precision index by the bounds and the estimate) fit the budget, not only its (1, chunk) products."""
+    model = _model(processor, **WIDE)
+    index, mentions, _ = _kb_and_mentions(model)
+    index = index.to(dtype=torch.bfloat16)
+    vector_floats = sum(t.shape[1] for t in index.tensors.values() if t.dim() == 2)
+    budget = 200 * 4 * vector_floats  # room for the vectors of about 200 entities
+    chunks = list(index._bound_chunks(1, None, budget))
+    assert chunks[0] == (0, chunks[0][1]) and chunks[-1][1] == len(index) and len(chunks) >= 3
+    assert all(4 * vector_floats * (stop - start) <= budget for start, stop in chunks)
+    single = M3ELFeatures(**{k: v[:1] for k, v in mentions.items()})
+    values, rows, _ = index.topk(model, single, k=3, memory_budget_bytes=budget)
+    full_values, full_rows, _ = index.topk(model, single, k=3, prune=False)
+    assert torch.equal(rows, full_rows)
+    torch.testing.assert_close(values, full_values, rtol=1e-5, atol=1e-5)
