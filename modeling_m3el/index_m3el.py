@@ -92,13 +92,35 @@ class _BackgroundFingerprint:
         return self._future.result()
 
 
-def _add_prepared(parts: dict[str, list[torch.Tensor]], model: M3ELModel, features: M3ELFeatures, **to) -> None:
-    """Append `model.prepare_entities(features)` to `parts`, flattened to `"{branch}.{name}"`, moved with `to`
-    (a `dtype` of None keeps each tensor's)."""
-    dtype = to.pop("dtype", None)
-    for branch, part in model.prepare_entities(features).items():
-        for name, tensor in part.items():
-            parts.setdefault(f"{branch}.{name}", []).append(tensor.to(dtype=dtype or tensor.dtype, **to))
+class _Rows:
+    """
+    An index's tensors being built batch by batch: allocated once, at their full `total` rows, when the first batch
+    arrives (in `dtype`, default each tensor's own, on `device`, default the batch's), then filled in place, so that
+    building never holds the batches and their concatenation at once (twice the index).
+    """
+
+    def __init__(self, total: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        self.total, self.dtype, self.device = total, dtype, device
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.filled = 0
+
+    def add(self, model: M3ELModel, features: M3ELFeatures) -> None:
+        """`model.prepare_entities(features)`, flattened to `"{branch}.{name}"`, into the next rows."""
+        count = None
+        for branch, part in model.prepare_entities(features).items():
+            for name, tensor in part.items():
+                key = f"{branch}.{name}"
+                if key not in self.tensors:
+                    self.tensors[key] = torch.empty((self.total, *tensor.shape[1:]), dtype=self.dtype or tensor.dtype,
+                                                    device=self.device or tensor.device)
+                count = tensor.shape[0]
+                self.tensors[key][self.filled : self.filled + count].copy_(tensor)
+        self.filled += count or 0
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.filled != self.total:
+            raise RuntimeError(f"{self.filled} of {self.total} entities were encoded")
+        return self.tensors
 
 
 def gather_shares(accelerator, tensor: torch.Tensor, share: int, total: int) -> torch.Tensor:
@@ -246,12 +268,10 @@ class EntityIndex:
         num_entities = features.text_embeds.shape[0]
         step = batch_size or max(num_entities, 1)
         fingerprint = _BackgroundFingerprint(model)
-        parts: dict[str, list[torch.Tensor]] = {}
+        rows = _Rows(num_entities, dtype, device)
         for start in range(0, num_entities, step):
-            batch = M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()})
-            _add_prepared(parts, model, batch, device=device, dtype=dtype)
-        tensors = {name: torch.cat(pieces) if len(pieces) > 1 else pieces[0] for name, pieces in parts.items()}
-        return cls(tensors, entity_ids, fingerprint.result())
+            rows.add(model, M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()}))
+        return cls(rows.result(), entity_ids, fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -277,7 +297,7 @@ class EntityIndex:
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
         model_device = model.device
         fingerprint = _BackgroundFingerprint(model)
-        parts: dict[str, list[torch.Tensor]] = {}
+        rows = _Rows(len(entity_ids), dtype, device)
         batches = range(0, len(entity_ids), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -285,9 +305,8 @@ class EntityIndex:
             batches = tqdm(batches, desc="Indexing entities", unit="batch")
         for start in batches:
             batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
-            _add_prepared(parts, model, model.encode(**batch, side="entity"), device=device, dtype=dtype)
-        tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
-        return cls(tensors, [str(e) for e in entity_ids], fingerprint.result())
+            rows.add(model, model.encode(**batch, side="entity"))
+        return cls(rows.result(), [str(e) for e in entity_ids], fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -323,7 +342,8 @@ class EntityIndex:
         fingerprint = _BackgroundFingerprint(model)
         share = -(-len(entities) // world)
         local = entities[rank * share : (rank + 1) * share]
-        parts: dict[str, list[torch.Tensor]] = {}
+        # on `device` at once in one process; on the model's, to be gathered, in several
+        rows = _Rows(len(local), dtype, device if world == 1 else model_device)
         chunks = [local[start : start + batch_size] for start in range(0, len(local), batch_size)]
         batches = processor.prefetched("entity", (
             ([e["name"] for e in chunk], [e["description"] for e in chunk], [e.get("image") for e in chunk],
@@ -335,11 +355,12 @@ class EntityIndex:
 
             batches = tqdm(batches, desc="Indexing entities", unit="batch", total=len(chunks))
         for inputs in batches:
-            _add_prepared(parts, model, model.encode(**inputs.to(model_device), side="entity"), dtype=dtype)
-        if not parts:  # this process's share is empty (more processes than entities): shapes from one entity
+            rows.add(model, model.encode(**inputs.to(model_device), side="entity"))
+        if local:
+            tensors = rows.result()
+        else:  # this process's share is empty (more processes than entities): shapes from one entity
             probe = cls.build(model, processor, entities[:1], batch_size=1, dtype=dtype, progress=False)
-            parts = {name: [tensor[:0].to(model_device)] for name, tensor in probe.tensors.items()}
-        tensors = {name: torch.cat(pieces) for name, pieces in parts.items()}
+            tensors = {name: tensor[:0].to(model_device) for name, tensor in probe.tensors.items()}
         if world > 1:
             tensors = {name: gather_shares(accelerator, t, share, len(entities)) for name, t in tensors.items()}
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}

@@ -303,3 +303,28 @@ def test_bfloat16_index_ranks_close_to_float32(processor, kb, mentions):
     # bfloat16 tensors, float32 scores (the products of the attention are the tensors' own precision)
     assert half.dtype == torch.bfloat16 and fast.dtype == torch.float32
     torch.testing.assert_close(fast, exact, rtol=0, atol=0.1)  # scores of 11-15: the tensors' rounding alone
+
+
+def test_building_holds_the_index_once_not_its_batches_and_their_concatenation(processor):
+    """The index's tensors are allocated once at their full size and filled batch by batch: a build's peak of CPU
+    allocations is the index plus one batch's work, not twice the index (what concatenating the batches took); and
+    the index equals one built in a single batch."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from common import cpu_allocation_peak, random_features
+    finally:
+        sys.path.pop(0)
+    model = _model(processor, "text_to_image")
+    features = random_features(model.config, 3000, "cpu", torch.Generator().manual_seed(0))
+    ids = [f"E{i}" for i in range(3000)]
+    built = {}
+    peak = cpu_allocation_peak(lambda: built.update(index=EntityIndex.from_features(model, features, ids,
+                                                                                     batch_size=100)))
+    index, whole = built["index"], EntityIndex.from_features(model, features, ids)
+    assert index.tensors.keys() == whole.tensors.keys()
+    for name, tensor in whole.tensors.items():
+        torch.testing.assert_close(index.tensors[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
+    assert peak is not None and index.nbytes <= peak < 1.3 * index.nbytes, (peak, index.nbytes)
