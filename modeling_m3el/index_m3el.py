@@ -425,7 +425,8 @@ class EntityIndex:
             device = model.device if model is not None else "cpu"
         tensors = load_file(weights_path, device=str(device))
         if dtype is not None:
-            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+            for name in list(tensors):  # one tensor at a time: each saved tensor is freed once converted
+                tensors[name] = tensors[name].to(dtype)
         return cls(tensors, meta["entity_ids"], meta["fingerprint"])
 
     # -------------------------------------------------------------------------------------------------- rank
