@@ -28,6 +28,8 @@ def _eval(args) -> int:
     from .evaluation import gold_ranks, index_rows, ranking_metrics
     from .index_m3el import EntityIndex
 
+    if args.candidates is not None and args.candidates <= 0:
+        raise SystemExit(f"error: --candidates must be a positive integer, got {args.candidates}")
     benchmark = load_benchmark(args.data, splits=[args.split])  # first: a data error is said before the model loads
     print(benchmark.summary(), file=sys.stderr)
     model, processor = _load_model(args.model, args.dtype, args.device)
@@ -39,9 +41,12 @@ def _eval(args) -> int:
         index = EntityIndex.build(model, processor, index_rows(benchmark.entities), batch_size=args.entity_batch_size,
                                   num_workers=args.num_workers)
     ranks = gold_ranks(model, processor, index, benchmark.splits[args.split], batch_size=args.batch_size,
-                       description=f"Ranking {args.split}", num_workers=args.num_workers)
-    results = {"model": args.model, "data": args.data, "split": args.split, "entities": len(index),
-               **ranking_metrics(ranks)}
+                       description=f"Ranking {args.split}", num_workers=args.num_workers, candidates=args.candidates)
+    results = {"model": args.model, "data": args.data, "split": args.split, "entities": len(index)}
+    if args.candidates is not None and args.candidates < len(index):
+        # what the pipeline's candidates=K gives: a gold among the K ranks at most K, one outside them last
+        results.update(candidates=args.candidates, gold_among_candidates=float((ranks < len(index)).mean()))
+    results.update(ranking_metrics(ranks))
     print(json.dumps(results, indent=1))
     if args.output:
         with open(args.output, "w") as f:
@@ -227,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="train, dev or test (default: test)")
     evaluate.add_argument("--index", default=None, help="a saved entity index of this model and KB (else built)")
     evaluate.add_argument("--batch-size", type=int, default=64, help="mentions per batch")
+    evaluate.add_argument("--candidates", type=int, default=None,
+                          help="rank among each mention's K candidates, as the pipeline's candidates=K links (a gold "
+                               "outside them counts as last), to choose K; default: among the whole KB")
     evaluate.add_argument("--output", default=None, help="also write the results to this JSON file")
     evaluate.set_defaults(handler=_eval)
 

@@ -39,12 +39,14 @@ def gold_ranks(
     progress: bool = True,
     description: str = "Ranking",
     num_workers: int = 0,
+    candidates: int | None = None,
 ) -> np.ndarray:
     """
     Rank of each mention's gold entity among all entities of `index`, in the order of `mentions` (rows with
     `mention`, `sentence`, `image`, `answer`). With an Accelerate `accelerator` of several processes, each process
     ranks a contiguous share and every process receives all the ranks. `num_workers` threads read the images of the
-    next batches while the current one is ranked (`M3ELProcessor.prefetched`).
+    next batches while the current one is ranked (`M3ELProcessor.prefetched`). `candidates`: the ranks among each
+    mention's K candidates instead, a missed gold last (`EntityIndex.rank`).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     total = len(mentions)
@@ -63,7 +65,7 @@ def gold_ranks(
     local = []
     for rows, inputs in batches:
         features = model.encode(**inputs.to(model.device))
-        local.append(index.rank(model, features, rows["answer"]).cpu())
+        local.append(index.rank(model, features, rows["answer"], candidates=candidates).cpu())
     local = torch.cat(local) if local else torch.zeros(0, dtype=torch.long)
     if world > 1:
         local = gather_shares(accelerator, local, share, total).cpu()

@@ -813,10 +813,17 @@ class EntityIndex:
         chunk_size: int | None = None,
         memory_budget_bytes: int = 2**30,
         stats: dict | None = None,
+        candidates: int | None = None,
     ) -> torch.Tensor:
         """
         Rank of each mention's gold entity among all entities (SPEC 6): 1 + the number of other entities whose
         score is >= the gold's (ties count against the gold).
+
+        `candidates` (K): the rank a user of `topk(candidates=K)` (the pipeline's `candidates`) sees instead, to
+        choose K: the gold's rank among its mention's K candidates by exact score (ties against the gold), and the
+        worst rank, `len(self)`, for a gold that is not among them (`stats` then receives `among_candidates`, the
+        number of golds that are). Hits@k for k <= K are then those of the pipeline; MR and MRR count a missed gold
+        as last. K at least the KB size gives the exact ranks.
 
         With `prune` (the default) the result is the same, computed with less work: the gold's score is computed
         exactly, every other entity gets cheap bounds (`M3ELModel.score_bounds`: the dot-product parts of the score
@@ -831,6 +838,17 @@ class EntityIndex:
         if len(gold_entity_ids) != mention_features.text_embeds.shape[0]:
             raise ValueError(f"{len(gold_entity_ids)} gold ids for {mention_features.text_embeds.shape[0]} mentions")
         gold = self.positions(gold_entity_ids).to(self.device)
+        _check_candidates(candidates)
+        if candidates is not None and candidates < len(self):
+            values, rows, _ = self.topk(model, mention_features, k=candidates, chunk_size=chunk_size,
+                                        memory_budget_bytes=memory_budget_bytes, candidates=candidates)
+            found = rows == gold[:, None]  # (B, K): at most one per row
+            gold_values = values.masked_fill(~found, float("-inf")).max(dim=1, keepdim=True).values
+            among = found.any(dim=1)
+            ranks = torch.where(among, (values >= gold_values).sum(dim=1), len(self))
+            if stats is not None:
+                stats.update(pairs=rows.shape[0] * len(self), scored=rows.numel(), among_candidates=int(among.sum()))
+            return ranks
         if not prune:
             scores = self.scores(model, mention_features, chunk_size, memory_budget_bytes)
             if stats is not None:
@@ -921,9 +939,7 @@ class EntityIndex:
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
-                                       or candidates <= 0):
-            raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+        _check_candidates(candidates)
         if candidates is not None and candidates < len(self):
             mentions, num_mentions = self._prepared_mentions(model, mention_features)
             chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
@@ -995,6 +1011,11 @@ class EntityIndex:
         values, slot = padded.topk(k, dim=1)
         rows = entity_rows.gather(1, slot)
         return values.float(), rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
+
+
+def _check_candidates(candidates) -> None:
+    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0):
+        raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
 
 
 def _other_blocks(parts: dict, known: tuple[str, torch.Tensor] | None) -> list[str] | None:

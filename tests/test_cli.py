@@ -122,3 +122,26 @@ def test_index_update_encodes_only_what_changed(saved, tmp_path, capsys):
     (tmp_path / "index" / "kb_digests.json").unlink()
     with pytest.raises(SystemExit, match="kb_digests.json cannot be read"):
         main(command + ["--update"])
+
+
+def test_eval_among_candidates_reports_what_the_pipeline_would_link(saved, capsys):
+    root, data, model, processor = saved
+    output = root / "among.json"
+    arguments = ["eval", "--model", str(root / "model"), "--data", data, "--split", "test"]
+    assert main([*arguments, "--candidates", "4", "--output", str(output)]) == 0
+    results = json.loads(output.read_text())
+    benchmark = load_benchmark(data, splits=["test"])
+    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
+    ranks = gold_ranks(model, processor, index, benchmark.splits["test"], progress=False, candidates=4)
+    assert ranks.max() <= len(index) and ((ranks <= 4) | (ranks == len(index))).all()
+    assert results["candidates"] == 4
+    assert results["gold_among_candidates"] == pytest.approx(float((ranks <= 4).mean()))
+    for key, value in ranking_metrics(ranks).items():
+        assert results[key] == pytest.approx(value), key
+    capsys.readouterr()
+    assert main([*arguments, "--candidates", "100000", "--output", str(output)]) == 0  # the whole KB: exact ranks
+    results = json.loads(output.read_text())
+    assert "candidates" not in results
+    assert results["mrr"] == pytest.approx(json.loads((root / "results.json").read_text())["mrr"])
+    with pytest.raises(SystemExit, match="--candidates must be a positive integer"):
+        main([*arguments, "--candidates", "0"])

@@ -504,3 +504,35 @@ def test_bound_chunks_keep_the_entity_vectors_within_the_budget(processor):
     full_values, full_rows, _ = index.topk(model, single, k=3, prune=False)
     assert torch.equal(rows, full_rows)
     torch.testing.assert_close(values, full_values, rtol=1e-5, atol=1e-5)
+
+
+def test_rank_among_candidates_is_the_gold_position_in_the_candidates_topk(processor):
+    """`rank(candidates=K)`: the gold's rank among the K candidates of `topk(candidates=K)` (ties against it), or the
+    KB size when it is not one of them; K at least the KB size gives the exact ranks."""
+    model = _model(processor, g2l_scale=3.0, **WIDE)
+    index, mentions, gold = _kb_and_mentions(model, noise=3.0, duplicates=3)  # exact ties with twins too
+    exact = index.rank(model, mentions, gold)
+    assert torch.equal(index.rank(model, mentions, gold, candidates=len(index)), exact)
+    with torch.no_grad():
+        prepared = model.prepare_mentions(mentions)
+        estimate = model.score_estimate(prepared, index._prepared(0, len(index)))
+        scores = model.score_prepared(prepared, index._prepared(0, len(index))).logits
+    positions = index.positions(gold)
+    for num_candidates in (1, 5, 30):
+        stats = {}
+        ranks = index.rank(model, mentions, gold, candidates=num_candidates, stats=stats)
+        chosen = estimate.topk(num_candidates, dim=1).indices
+        expected = []
+        for row, position in enumerate(positions.tolist()):
+            if position in chosen[row].tolist():
+                candidate_scores = scores[row, chosen[row]]
+                expected.append(int((candidate_scores >= scores[row, position]).sum()))
+            else:
+                expected.append(len(index))
+        assert ranks.tolist() == expected, num_candidates
+        assert stats["among_candidates"] == sum(r < len(index) for r in expected)
+        assert stats["scored"] == NUM_MENTIONS * num_candidates
+        # never better than the exact rank where the gold is found: the candidates are among all entities
+        found = ranks < len(index)
+        assert (ranks[found] <= exact[found]).all()
+    assert 0 < stats["among_candidates"] < NUM_MENTIONS  # K = 30 of 304: some golds found, some missed
