@@ -945,6 +945,7 @@ class EntityIndex:
             chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
             rows = self._best_estimated(model, mentions, candidates, chunks)  # (B, K)
             exact = self.score_prepared_candidates(model, mentions, rows, memory_budget_bytes).float()
+            _refuse_nan(exact, "score of one of the K candidates")
             if stats is not None:
                 stats.update(pairs=num_mentions * len(self), scored=rows.numel())
             values, slot = exact.topk(min(k, candidates), dim=1)
@@ -1039,8 +1040,10 @@ def _group_by_mention(mention_rows: torch.Tensor, num_mentions: int):
 
 
 def _refuse_nan(scores: torch.Tensor, what: str) -> None:
-    """Ranks against a NaN score mean nothing: name the mentions whose score is not a number."""
-    bad = torch.isnan(scores).nonzero().flatten().tolist()
+    """Ranks against a NaN score mean nothing: name the mentions whose score (B,), or one of whose scores (B, K),
+    is not a number."""
+    nan = torch.isnan(scores)
+    bad = (nan.any(dim=1) if nan.dim() == 2 else nan).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
             f"the {what} is NaN for mention(s) {bad[:10]} of this batch (NaN features or weights?); "

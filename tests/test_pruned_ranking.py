@@ -425,6 +425,11 @@ def test_nan_features_are_refused_by_name(processor, prune):
     if prune:
         with pytest.raises(ValueError, match=r"is NaN for mention\(s\) \[2\]"):
             index.topk(model, broken, k=3)
+        # among candidates too: a NaN score would otherwise sort first
+        with pytest.raises(ValueError, match=r"one of the K candidates is NaN for mention\(s\) \[2\]"):
+            index.topk(model, broken, k=3, candidates=10)
+        with pytest.raises(ValueError, match=r"one of the K candidates is NaN for mention\(s\) \[2\]"):
+            index.rank(model, broken, gold, candidates=10)
 
 
 @pytest.mark.parametrize("overrides", VARIANTS)
