@@ -295,6 +295,9 @@ class EntityIndex:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        for name, tensor in inputs.items():
+            if tensor.shape[0] != len(entity_ids):
+                raise ValueError(f"inputs[{name!r}] holds {tensor.shape[0]} entities, entity_ids {len(entity_ids)}")
         model_device = model.device
         fingerprint = _BackgroundFingerprint(model)
         rows = _Rows(len(entity_ids), dtype, device)

@@ -165,6 +165,8 @@ def test_from_inputs_equals_build(processor):
         torch.testing.assert_close(from_inputs.tensors[name], tensor, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="empty KB"):
         EntityIndex.from_inputs(model, inputs, [])
+    with pytest.raises(ValueError, match=r"inputs\['input_ids'\] holds 7 entities, entity_ids 8"):
+        EntityIndex.from_inputs(model, inputs, [e["id"] for e in kb] + ["Q7"])
 
 
 # ---------------------------------------------------------------------------------------------- dense vectors
