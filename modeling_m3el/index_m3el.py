@@ -762,15 +762,10 @@ class EntityIndex:
 
     def _best_estimated(self, model: M3ELModel, mentions: dict, count: int, chunks) -> torch.Tensor:
         """Rows (B, count) of each mention's `count` entities with the best `model.score_estimate`, best first."""
-        best_estimate, best_rows = None, None
+        best = None
         for start, stop in chunks:
-            estimate = model.score_estimate(mentions, self._prepared(start, stop))
-            rows = torch.arange(start, stop, device=self.device).expand(estimate.shape[0], -1)
-            if best_estimate is not None:
-                estimate, rows = torch.cat([best_estimate, estimate], dim=1), torch.cat([best_rows, rows], dim=1)
-            best_estimate, slot = estimate.topk(min(count, estimate.shape[1]), dim=1)
-            best_rows = rows.gather(1, slot)
-        return best_rows
+            best = merge_topk(best, model.score_estimate(mentions, self._prepared(start, stop)), start, count)
+        return best[1]
 
     def _on_index(self, mentions: dict) -> dict:
         """Prepared mention tensors moved to this index's device and dtype."""
@@ -841,7 +836,7 @@ class EntityIndex:
         if len(gold_entity_ids) != mention_features.text_embeds.shape[0]:
             raise ValueError(f"{len(gold_entity_ids)} gold ids for {mention_features.text_embeds.shape[0]} mentions")
         gold = self.positions(gold_entity_ids).to(self.device)
-        _check_candidates(candidates)
+        check_candidates(candidates)
         if candidates is not None and candidates < len(self):
             values, rows, _ = self.topk(model, mention_features, k=candidates, chunk_size=chunk_size,
                                         memory_budget_bytes=memory_budget_bytes, candidates=candidates)
@@ -942,7 +937,7 @@ class EntityIndex:
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        _check_candidates(candidates)
+        check_candidates(candidates)
         if candidates is not None and candidates < len(self):
             mentions, num_mentions = self._prepared_mentions(model, mention_features)
             chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
@@ -1017,7 +1012,22 @@ class EntityIndex:
         return values.float(), rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
 
 
-def _check_candidates(candidates) -> None:
+def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, start: int, k: int):
+    """
+    A running top k over blocks of columns: `best`, (values, rows) (B, <= k) of the blocks so far (None before the
+    first), and `values` (B, n) of the columns `start` to `start + n`, give (values, rows) (B, <= k) of them all, best
+    first. Only each block's own top k is kept beside `best`, never a copy of the block.
+    """
+    values, rows = values.topk(min(k, values.shape[1]), dim=1)
+    rows = rows + start
+    if best is not None:
+        values, slot = torch.cat([best[0], values], dim=1).topk(min(k, best[0].shape[1] + values.shape[1]), dim=1)
+        rows = torch.cat([best[1], rows], dim=1).gather(1, slot)
+    return values, rows
+
+
+def check_candidates(candidates) -> None:
+    """`candidates` of `topk`, `rank` and the pipeline: None or a positive int."""
     if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0):
         raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
 

@@ -308,6 +308,12 @@ class M3ELIntraModalMatching(nn.Module):
         to = {"device": value.device, "dtype": work}
         return {"basis": basis.to(value.device), "scale": scale.to(**to), "outside": outside.to(**to)}
 
+    def global_to_local_center(self, entity: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`<c, beta>` (E,): the centre of `global_to_local_bounds`'s interval, the G2L part for a context orthogonal to
+        the entity's vector; in float32 (float64 for a float64 index)."""
+        dtype = torch.promote_types(entity["global"].dtype, torch.float32)  # float64 stays float64
+        return entity["global"].to(dtype) @ self.context_norm.bias.to(dtype)
+
     def global_to_local_bounds(
         self, entity: dict[str, torch.Tensor], span: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,12 +332,11 @@ class M3ELIntraModalMatching(nn.Module):
         """
         dtype = torch.promote_types(entity["global"].dtype, torch.float32)  # float64 stays float64
         entity_global = entity["global"].to(dtype)
-        gamma, beta = self.context_norm.weight.to(dtype), self.context_norm.bias.to(dtype)
-        scaled = entity_global * gamma
+        scaled = entity_global * self.context_norm.weight.to(dtype)
         scaled = scaled - scaled.mean(dim=-1, keepdim=True)  # w, (E, d)
         size = scaled.norm(dim=-1)  # |w|
         d = entity_global.shape[-1]
-        center, radius = entity_global @ beta, size * math.sqrt(d)
+        center, radius = self.global_to_local_center(entity), size * math.sqrt(d)
         if span is None:  # (also the mention_span of a block with as many tokens as channels)
             return center, radius
         basis = span["basis"].to(dtype)  # (B, d, r)
@@ -789,7 +794,7 @@ class M3ELModel(M3ELPreTrainedModel):
         """
         dense, _, num_branches = self._dot_product_parts(mentions, entities)
         for name, block in self._intra_modal_blocks():
-            dense.add_(block.global_to_local_bounds(entities[name])[0][None, :] / 2)
+            dense.add_(block.global_to_local_center(entities[name])[None, :] / 2)
         return dense.div_(num_branches)
 
     def score_prepared_candidates(self, mentions: dict, candidates: dict) -> M3ELScores:

@@ -6,7 +6,7 @@ import warnings
 
 from transformers import Pipeline
 
-from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, model_fingerprint
+from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, check_candidates, model_fingerprint
 
 TASK = "multimodal-entity-linking"
 ENTITIES_FILE = "entities.jsonl"  # the KB's metadata, one entity a line, in the JSON Lines benchmark layout
@@ -216,8 +216,7 @@ class M3ELEntityLinkingPipeline(Pipeline):
         if top_k is not None:
             forward["top_k"] = check_top_k(top_k)
         if candidates is not None:
-            if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0:
-                raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+            check_candidates(candidates)
             forward["candidates"] = candidates
         if unreadable_image is not None:
             if unreadable_image not in UNREADABLE_IMAGE_MODES:

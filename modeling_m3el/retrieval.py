@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .index_m3el import EntityIndex, StaleIndexError
+from .index_m3el import EntityIndex, StaleIndexError, merge_topk
 from .modeling_m3el import M3ELFeatures, M3ELModel
 
 BACKENDS = ("flat", "ivf", "hnsw", "torch")
@@ -250,17 +250,10 @@ class TwoStageRetriever:
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.to(self._vectors.device)
         block = max(k, self.memory_budget_bytes // (4 * queries.shape[0]))
-        best_scores = best_rows = None
+        best = None
         for start in range(0, self._vectors.shape[0], block):
-            scores = queries @ self._vectors[start : start + block].T  # (B, block)
-            scores, rows = scores.topk(min(k, scores.shape[1]), dim=1)
-            rows += start
-            if best_scores is not None:
-                scores, rows = torch.cat([best_scores, scores], dim=1), torch.cat([best_rows, rows], dim=1)
-                scores, order = scores.topk(k, dim=1)
-                rows = rows.gather(1, order)
-            best_scores, best_rows = scores, rows
-        return best_scores, best_rows
+            best = merge_topk(best, queries @ self._vectors[start : start + block].T, start, k)  # (B, block) scores
+        return best
 
     def _check_mentions(self, mention_features: M3ELFeatures) -> None:
         if mention_features.text_embeds is None or mention_features.text_embeds.shape[0] == 0:
