@@ -8,9 +8,9 @@ value: independent random mentions).
     python benchmarks/bench_two_stage.py --model tiny --sizes 2000,10000                        # CPU
     python benchmarks/bench_two_stage.py --model b32 --sizes 100000 --backends torch,ivf --device cuda
 
-Stage 1 by `TwoStageRetriever`'s backends (flat, ivf, hnsw: faiss; torch: matrix products) over the dot-product parts
-of the score, or `estimate`: `EntityIndex.topk(candidates=K)`, the pipeline's `candidates`, whose stage 1 is
-`M3ELModel.score_estimate` (the dot-product parts and the G2L parts' centres) over the index's own tensors.
+Stage 1 searches `M3ELModel.score_estimate` (the dot-product parts of the score and the G2L parts' centres): by
+`TwoStageRetriever`'s backends (flat, ivf, hnsw: faiss; torch: matrix products) over its vectors, or `estimate`:
+`EntityIndex.topk(candidates=K)`, the pipeline's `candidates`, over the index's own tensors.
 """
 
 import argparse

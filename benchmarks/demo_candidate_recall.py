@@ -1,8 +1,7 @@
 """Recall of two-stage retrieval on a trained model: how often the exact top-1 of a test mention is among the K
-first-stage candidates, for K at most 2% of the KB (issue target: at least 99.5% of test mentions). Stage 1 by the
-retriever's backends (the dot-product parts of the score, with faiss) or `estimate`: the candidates of
-`EntityIndex.topk(candidates=K)` and of the pipeline's `candidates`, by `M3ELModel.score_estimate` (the dot-product
-parts and the G2L parts' centres).
+first-stage candidates, for K at most 2% of the KB (issue target: at least 99.5% of test mentions). Stage 1 by
+`M3ELModel.score_estimate` (the dot-product parts and the G2L parts' centres): through the retriever's faiss backends,
+or `estimate`, the candidates of `EntityIndex.topk(candidates=K)` and of the pipeline's `candidates`.
 
     accelerate launch train_accelerate.py                                   # the demo model, in m3el-demo/model
     python benchmarks/demo_candidate_recall.py --model m3el-demo/model --data m3el-demo-data

@@ -1,5 +1,6 @@
-"""Two-stage retrieval for large KBs: an inner-product search over the dense part of M3EL's score proposes K
-candidates per mention, and the exact score re-ranks them."""
+"""Two-stage retrieval for large KBs: an inner-product search over the cheap estimate of M3EL's score (its dot-product
+parts and the G2L parts' centres, `M3ELModel.score_estimate`) proposes K candidates per mention, and the exact score
+re-ranks them."""
 
 import json
 import math
@@ -17,7 +18,7 @@ from .modeling_m3el import M3ELFeatures, M3ELModel
 BACKENDS = ("flat", "ivf", "hnsw", "torch")
 RETRIEVER_FAISS = "entity_index.faiss"
 RETRIEVER_META = "retriever.json"
-RETRIEVER_FORMAT = 1
+RETRIEVER_FORMAT = 2  # 2: the G2L centres' column added to the vectors
 
 # The parts of the final score that are dot products of vectors computed for each side alone, with their weight
 # inside their branch: the G2G halves of the intra-modal branches (SPEC 4.1: (g2g + g2l) / 2) and the cross-modal
@@ -37,23 +38,35 @@ def _num_branches(keys) -> int:
     return sum(key in keys for key in ("text.embeds", "image.embeds")) + sum(k.startswith("cross_modal.") for k in keys)
 
 
-def _dense(tensors: Mapping[str, torch.Tensor], weighted: bool) -> torch.Tensor:
-    """Concatenate the dense parts of prepared tensors into float32 vectors (n, D); `weighted`: times the score's
-    weights (done on the entity side only, so that the mention side stays the plain prepared vectors)."""
+@torch.no_grad()
+def _dense(tensors: Mapping[str, torch.Tensor], model: M3ELModel | None = None) -> torch.Tensor:
+    """
+    Concatenate the dense parts of prepared tensors into float32 vectors (n, D), D their widths plus one. The entity
+    side (with its `model`) is weighted by the score's weights, and its last column holds the G2L parts' centres,
+    `sum_b <c_e, beta_b> / 2`, over the number of branches. The mention side (no model) stays the plain prepared
+    vectors, with 1 in the last column.
+    """
     present = [(key, weight) for key, weight in DENSE_PARTS if key in tensors]
     if not present:
         raise ValueError("the model has no branch with a dense part (G2G text, G2G image or cross-modal)")
     num_branches = _num_branches(tensors)
     first = tensors[present[0][0]]
     width = sum(tensors[key].shape[-1] for key, _ in present)
-    vectors = torch.empty((first.shape[0], width), dtype=torch.float32, device=first.device)  # (n, D)
+    vectors = torch.empty((first.shape[0], width + 1), dtype=torch.float32, device=first.device)  # (n, D)
     column = 0
     for key, weight in present:
         part = vectors[:, column : column + tensors[key].shape[-1]]
         part.copy_(tensors[key])  # in place, column by column: no second (n, D) copy of a large KB
-        if weighted:
+        if model is not None:
             part.mul_(weight / num_branches)
         column += tensors[key].shape[-1]
+    if model is None:
+        vectors[:, -1] = 1.0
+    else:
+        vectors[:, -1] = 0.0
+        for name, block in model._intra_modal_blocks():
+            vectors[:, -1] += block.global_to_local_center({"global": tensors[f"{name}.global"]}).float() / 2
+        vectors[:, -1] /= num_branches
     return vectors
 
 
@@ -61,13 +74,14 @@ def _flattened(prepared: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, 
     return {f"{branch}.{name}": tensor for branch, part in prepared.items() for name, tensor in part.items()}
 
 
-def dense_entity_vectors(index: EntityIndex) -> torch.Tensor:
+def dense_entity_vectors(index: EntityIndex, model: M3ELModel) -> torch.Tensor:
     """
-    Entity vectors (E, D), float32, on the index's device, such that `dense_mention_vectors(model, m) @ v.T` is the
-    dense part of the final score: `(g2g_text / 2 + g2g_image / 2 + s_t2v [+ s_v2t]) / num_branches`, i.e. the score
-    `S` minus its G2L parts `(g2l_text / 2 + g2l_image / 2) / num_branches`.
+    Entity vectors (E, D), float32, on the index's device, such that `dense_mention_vectors(model, m) @ v.T` is
+    `model.score_estimate`: the dot-product parts of the final score, `(g2g_text / 2 + g2g_image / 2 + s_t2v
+    [+ s_v2t]) / num_branches`, plus each G2L part at its centre, `(<c_e, beta_text> / 2 + <c_e, beta_image> / 2) /
+    num_branches`; that is, the score `S` with its G2L parts replaced by their centres.
     """
-    return _dense(index.tensors, weighted=True)
+    return _dense(index.tensors, model)
 
 
 def dense_mention_vectors(model: M3ELModel, mention_features: M3ELFeatures) -> torch.Tensor:
@@ -77,7 +91,7 @@ def dense_mention_vectors(model: M3ELModel, mention_features: M3ELFeatures) -> t
 
 def dense_mention_vectors_prepared(mentions: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """`dense_mention_vectors` from the output of `model.prepare_mentions`."""
-    return _dense(_flattened(mentions), weighted=False)
+    return _dense(_flattened(mentions))
 
 
 @dataclass
@@ -102,11 +116,12 @@ class CandidateRecall:
 
 class TwoStageRetriever:
     """
-    Retrieval over a large KB in two stages. Stage 1: an inner-product search over `dense_entity_vectors(index)`
-    with `dense_mention_vectors` returns the K entities with the best dense part of the score (G2G text, G2G image,
-    cross-modal). Stage 2: the exact M3EL score (`EntityIndex.score_candidates`, the G2L parts included) re-ranks
-    those K. Exact when K is the KB size; otherwise the exact top-1 can be missed (`candidate_recall` measures how
-    often).
+    Retrieval over a large KB in two stages. Stage 1: an inner-product search over `dense_entity_vectors(index,
+    model)` with `dense_mention_vectors` returns the K entities with the best estimate of the score,
+    `M3ELModel.score_estimate` (the dot-product parts: G2G text, G2G image, cross-modal; and the G2L parts' centres),
+    the candidates of `EntityIndex.topk(candidates=K)` when the search is exhaustive. Stage 2: the exact M3EL score
+    (`EntityIndex.score_candidates`, the G2L parts included) re-ranks those K. Exact when K is the KB size; otherwise
+    the exact top-1 can be missed (`candidate_recall` measures how often).
 
     Args:
         index ([`EntityIndex`]): the KB, built with `model`.
@@ -131,7 +146,8 @@ class TwoStageRetriever:
             and the "torch" backend's score blocks.
         check_model (`bool`, *optional*, defaults to `True`): refuse (StaleIndexError) an index built with another
             model; hashes the model's weights once.
-        faiss_index (*optional*): an index already built over `dense_entity_vectors(index)` (what `load` passes).
+        faiss_index (*optional*): an index already built over `dense_entity_vectors(index, model)` (what `load`
+            passes).
     """
 
     def __init__(
@@ -165,12 +181,14 @@ class TwoStageRetriever:
         self.nprobe = min(max(1, nprobe if nprobe is not None else self.nlist // 8), self.nlist)
         self.hnsw_m, self.hnsw_ef_construction = hnsw_m, hnsw_ef_construction
         self.hnsw_ef_search = hnsw_ef_search if hnsw_ef_search is not None else max(64, self.k_candidates)
-        self.dim = sum(index.tensors[key].shape[-1] for key, _ in DENSE_PARTS if key in index.tensors)
+        self.dim = 1 + sum(index.tensors[key].shape[-1] for key, _ in DENSE_PARTS if key in index.tensors)
         self._vectors = self._faiss = self._gpu_resources = None
         if backend == "torch":
-            self._vectors = dense_entity_vectors(index)  # (E, D) float32
+            self._vectors = dense_entity_vectors(index, model)  # (E, D) float32
         else:
-            self._faiss = faiss_index if faiss_index is not None else self._build_faiss(dense_entity_vectors(index))
+            if faiss_index is None:
+                faiss_index = self._build_faiss(dense_entity_vectors(index, model))
+            self._faiss = faiss_index
             if self._faiss.ntotal != num_entities or self._faiss.d != self.dim:
                 raise ValueError(
                     f"the faiss index holds {self._faiss.ntotal} vectors of width {self._faiss.d}; the entity index "
@@ -238,7 +256,8 @@ class TwoStageRetriever:
     # ------------------------------------------------------------------------------------------------ search
 
     def _stage_one(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense scores and rows (B, k) of the best entities by the dense part; row -1 where the search found fewer."""
+        """Estimated scores and rows (B, k) of the best entities by the estimate; row -1 where the search found
+        fewer."""
         if self._vectors is not None:
             return self._torch_search(queries, k)
         if self.backend == "hnsw":  # HNSW returns at most efSearch results

@@ -192,18 +192,29 @@ def _global_to_local_part(model, mentions, entities):
     ],
 )
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-6)])
-def test_dense_dot_product_is_the_score_minus_global_to_local(processor, mode, overrides, dtype, tolerance):
+def test_dense_dot_product_is_the_score_with_global_to_local_at_its_centre(processor, mode, overrides, dtype,
+                                                                          tolerance):
     model = _model(processor, mode, **overrides).to(dtype)
     entities, index = _kb(model, dtype=dtype)
     mentions = _features(model, 6, 1, dtype)
     with torch.no_grad():
         scores = model.score(mentions, entities)
-        expected = scores.logits - _global_to_local_part(model, mentions, entities)
-        dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index).T
+        prepared_entities = model.prepare_entities(entities)
+        centres = sum(entities_global @ block.context_norm.bias for entities_global, block in [
+            (prepared_entities[name]["global"], block) for name, block in model._intra_modal_blocks()
+        ]) if model._intra_modal_blocks() else 0.0
+        centre_part = centres / 2 / len(model.config.branches)
+        expected = scores.logits - _global_to_local_part(model, mentions, entities) + centre_part
+        dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index, model).T
+        estimate = model.score_estimate(model.prepare_mentions(mentions), index._prepared(0, len(index)))
     # The dense vectors are float32 (what faiss takes), so float64 models agree to float32 precision.
     assert dense.dtype == torch.float32
     torch.testing.assert_close(dense.to(dtype), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(dense.to(dtype), estimate.to(dtype), rtol=tolerance, atol=tolerance)
+    if model._intra_modal_blocks():  # the centres are not vacuous here (the test's LayerNorm biases are not 0)
+        assert float(torch.as_tensor(centre_part).abs().max()) > 10 * tolerance
     # And, branch by branch, the dense part is G2G halves plus the cross-modal scores, averaged over branches.
+    dense = dense - torch.as_tensor(centre_part).to(dense)
     expected_from_branches = 0.0
     g2l = {}
     with torch.no_grad():
@@ -272,7 +283,7 @@ def test_recall_against_brute_force_when_global_to_local_dominates(processor):
     index.tensors["text.global"] = index.tensors["text.global"] * 10
     mentions = _features(model, 24, 1)
     exact_top1 = index.scores(model, mentions).argmax(dim=1)
-    dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index).T
+    dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index, model).T
     recalls = []
     for k in (1, 5, 20, NUM_ENTITIES):
         brute = (dense.topk(k, dim=1).indices == exact_top1[:, None]).any(dim=1)
@@ -356,3 +367,23 @@ def test_save_load_round_trip(processor, tmp_path, backend):
     (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, fingerprint="0" * 32)))
     with pytest.raises(StaleIndexError, match="another entity index"):
         TwoStageRetriever.load(tmp_path, index, model)
+    # One saved by the code before the G2L centres' column (format 1) is refused: its vectors lack it.
+    (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, format=1)))
+    with pytest.raises(ValueError, match="retriever format 1, this code reads 2"):
+        TwoStageRetriever.load(tmp_path, index, model)
+
+
+@pytest.mark.parametrize("backend", ["flat", "torch"])
+def test_exhaustive_stage_one_picks_the_candidates_of_topk(processor, backend):
+    """An exhaustive stage 1 searches `score_estimate`, as `EntityIndex.topk(candidates=K)` does: the same K."""
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 8, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=6, backend=backend)
+    rows = retriever.candidates(mentions)[1]
+    _, topk_rows, _ = index.topk(model, mentions, k=6, candidates=6)
+    assert [sorted(r) for r in rows.tolist()] == [sorted(r) for r in topk_rows.tolist()]
+    values, found, _ = retriever.search(mentions, k=3)
+    expected_values, expected, _ = index.topk(model, mentions, k=3, candidates=6)
+    assert torch.equal(found, expected)
+    torch.testing.assert_close(values, expected_values, rtol=1e-5, atol=1e-5)
