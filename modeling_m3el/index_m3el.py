@@ -760,6 +760,20 @@ class EntityIndex:
         upper[rows, columns] += (exact - center - radius) / scale
         return lower, upper, int(rows.numel()), (block, known)
 
+    def _among_candidates(
+        self, model: M3ELModel, mention_features: M3ELFeatures, k: int, candidates: int, chunk_size: int | None,
+        memory_budget_bytes: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`topk(candidates=...)` without the ids: exact scores (B, min(k, K)) float32 and entity rows of each
+        mention's best among its K best-estimated entities, best first."""
+        mentions, num_mentions = self._prepared_mentions(model, mention_features)
+        chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
+        rows = self._best_estimated(model, mentions, candidates, chunks)  # (B, K)
+        exact = self.score_prepared_candidates(model, mentions, rows, memory_budget_bytes).float()
+        _refuse_nan(exact, "score of one of the K candidates")
+        values, slot = exact.topk(min(k, candidates), dim=1)
+        return values, rows.gather(1, slot)
+
     def _best_estimated(self, model: M3ELModel, mentions: dict, count: int, chunks) -> torch.Tensor:
         """Rows (B, count) of each mention's `count` entities with the best `model.score_estimate`, best first."""
         best = None
@@ -838,8 +852,8 @@ class EntityIndex:
         gold = self.positions(gold_entity_ids).to(self.device)
         check_candidates(candidates)
         if candidates is not None and candidates < len(self):
-            values, rows, _ = self.topk(model, mention_features, k=candidates, chunk_size=chunk_size,
-                                        memory_budget_bytes=memory_budget_bytes, candidates=candidates)
+            values, rows = self._among_candidates(model, mention_features, candidates, candidates, chunk_size,
+                                                  memory_budget_bytes)
             found = rows == gold[:, None]  # (B, K): at most one per row
             gold_values = values.masked_fill(~found, float("-inf")).max(dim=1, keepdim=True).values
             among = found.any(dim=1)
@@ -939,15 +953,10 @@ class EntityIndex:
             raise ValueError(f"k must be positive, got {k}")
         check_candidates(candidates)
         if candidates is not None and candidates < len(self):
-            mentions, num_mentions = self._prepared_mentions(model, mention_features)
-            chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
-            rows = self._best_estimated(model, mentions, candidates, chunks)  # (B, K)
-            exact = self.score_prepared_candidates(model, mentions, rows, memory_budget_bytes).float()
-            _refuse_nan(exact, "score of one of the K candidates")
+            values, rows = self._among_candidates(model, mention_features, k, candidates, chunk_size,
+                                                  memory_budget_bytes)
             if stats is not None:
-                stats.update(pairs=num_mentions * len(self), scored=rows.numel())
-            values, slot = exact.topk(min(k, candidates), dim=1)
-            rows = rows.gather(1, slot)
+                stats.update(pairs=rows.shape[0] * len(self), scored=rows.shape[0] * candidates)
             return values, rows, [[self.entity_ids[r] for r in row] for row in rows.tolist()]
         k = min(k, len(self))
         if not prune:
