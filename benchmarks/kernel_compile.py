@@ -154,6 +154,10 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("TRITON_INTERPRET=1 is set: unset it to compile", file=sys.stderr)
         return 1
+    refused = kernels_m3el.compiled_kernel_refused()
+    if refused is not None:  # (the runtime does not compile it either: it takes the PyTorch path)
+        print(refused, file=sys.stderr)
+        return 1
     if args.check:
         args.model = "tiny"
     apply_launch(args.launch)

@@ -66,6 +66,11 @@ LAUNCH = {
 # Candidate tiles a program of the candidates kernel walks (with 6 candidates a tile: 48 candidates a program).
 CANDIDATE_STEPS = 8
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The oldest Triton that compiles every launch of the kernels. Triton 3.2 (PyTorch 2.6's) stops the whole process
+# compiling the float32 kernel ("LLVM ERROR: Failed to emit transfer from register to shared", sm_80 and sm_90: an
+# abort, which no fallback can catch); 3.3 (PyTorch 2.7's) to 3.9 compile them all (`benchmarks/kernel_compile.py`).
+# Triton's interpreter (TRITON_INTERPRET=1) runs the kernels with any of these.
+MIN_TRITON = (3, 3)
 # Set when the kernel failed to compile or run in "auto" mode: this process then keeps to the PyTorch path.
 _kernel_failure: str | None = None
 # Inside `strict()`: a failure raises (the caller falls back in its own way) instead of falling back here.
@@ -84,6 +89,11 @@ def fused_g2l_wanted(query: torch.Tensor, *tensors: torch.Tensor) -> bool:
     if choice == "torch" or triton is None or query.dtype not in KERNEL_DTYPES:
         return False
     if choice == "auto" and _kernel_failure is not None:
+        return False
+    if (choice == "triton" or query.is_cuda) and (reason := compiled_kernel_refused()) is not None:
+        if choice == "triton":
+            raise RuntimeError(f"{KERNEL_ENV}=triton: {reason}")
+        record_failure(RuntimeError(reason))  # one warning; the PyTorch path from then on
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (query, *tensors)):
         return False  # training: the kernel has no backward pass
@@ -291,6 +301,21 @@ if triton is not None:
                 SMALL_PRECISION,
             )
             tl.store(out_ptr + mention * num_candidates + places, score, mask=slot_valid)
+
+
+def compiled_kernel_refused() -> str | None:
+    """Why the kernels must not be compiled with the installed Triton (None: they may), `MIN_TRITON`; the interpreter
+    compiles nothing."""
+    if triton is None or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
+    if version >= MIN_TRITON:
+        return None
+    minimum = ".".join(map(str, MIN_TRITON))
+    return (
+        f"Triton {triton.__version__} aborts the process compiling the fused G2L kernel; it needs Triton {minimum} or "
+        f"newer (PyTorch 2.7 or newer brings it)"
+    )
 
 
 def record_failure(error: Exception) -> None:

@@ -36,6 +36,21 @@ def run_without_package(code: str, *args: str, cwd=None, timeout: int = 300) -> 
     return result
 
 
+def skip_unless_triton_interprets() -> None:
+    """Skip a test of the fused kernels in Triton's interpreter where Triton is missing, or where its interpreter
+    fails on this numpy: Triton 3.6 and older turn a program id into an index with a conversion numpy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"; 3.7 and newer, or numpy 2.3, run the tests). The
+    compiled kernels do not use numpy."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    def version(module):
+        return tuple(int(part) for part in module.__version__.split("+")[0].split(".")[:2])
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails on numpy {numpy.__version__}")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:
     from modeling_m3el.demo import write_demo_benchmark

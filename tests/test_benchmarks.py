@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import skip_unless_triton_interprets
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -155,7 +156,7 @@ def test_index_memory_benchmark_counts_every_tensor(tmp_path):
 
 
 def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
-    pytest.importorskip("triton")
+    skip_unless_triton_interprets()
     output = tmp_path / "check.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1")
     completed = subprocess.run(
@@ -220,7 +221,7 @@ def test_kernel_check_reports_a_variant_that_fails(tmp_path):
     """A launch variant the kernel cannot run (a tile of 48 rows: Triton's ranges are powers of two; the kernel is
     forced, so it raises rather than falling back to PyTorch): the check lists it as failed, untimed, and neither the
     launch it measured nor the fastest launch suffers."""
-    pytest.importorskip("triton")
+    skip_unless_triton_interprets()
     script = (
         "import sys, torch; sys.path.insert(0, 'benchmarks')\n"
         "import check_kernel\n"
@@ -244,14 +245,28 @@ def test_kernel_check_reports_a_variant_that_fails(tmp_path):
     assert completed.returncode == 0 and completed.stdout.split() == ["ok"], completed.stdout + completed.stderr
 
 
+def _skip_unless_triton_compiles():
+    """Skip where Triton cannot compile for NVIDIA GPUs here, or is too old to compile the kernels at all (the runtime
+    then takes the PyTorch path: `kernels_m3el.MIN_TRITON`)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from modeling_m3el import kernels_m3el
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("TRITON_INTERPRET", raising=False)
+        refused = kernels_m3el.compiled_kernel_refused()
+    if refused is not None:
+        pytest.skip(refused)
+
+
 @pytest.mark.parametrize("model, targets", [("tiny", "80,90"), ("b32", "90")])
 def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, targets):
     """Triton's interpreter does not compile; this does what the launch on an A100 (sm_80) or H100/H200 (sm_90) would
     compile, at the tiny model's widths and at B/32's, and checks the machine code: the attention products on tensor
-    cores in both dtypes (float32 by TF32x3), and no spills in bfloat16 on sm_90 (the launch measured fastest on an
-    H200). Spills are reported, not failed, elsewhere: TF32x3 float32 spills 56-112 bytes a thread on sm_90 at B/32
-    widths and some KiB on sm_80; bfloat16 at 256 rows 16-40 bytes on sm_80 (Triton 3.9; benchmarks/README.md)."""
-    pytest.importorskip("triton.backends.nvidia")
+    cores in both dtypes (float32 by TF32x3), and no spills in bfloat16 on sm_90 with Triton 3.5 or newer (the launch
+    measured fastest on an H200). Spills are reported, not failed, elsewhere: TF32x3 float32 spills 56-112 bytes a
+    thread on sm_90 at B/32 widths and some KiB on sm_80; bfloat16 at 256 rows 16-40 bytes on sm_80 (Triton 3.9;
+    benchmarks/README.md)."""
+    _skip_unless_triton_compiles()
     output = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
@@ -263,14 +278,15 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "TRITON_DEFAULT_FP_FUSION" not in completed.stderr  # the launch states FP fusion (Triton 3.9 warns if not)
     results = json.loads(output.read_text())["results"]
+    triton_version = tuple(int(part) for part in json.loads(output.read_text())["triton"].split(".")[:2])
     assert {r["target"] for r in results} == {f"sm_{t}" for t in targets.split(",")}
     # targets x dtypes x G2L blocks x (the grid without a mask, with one, the candidates kernel)
     assert len(results) == len(targets.split(",")) * 2 * 2 * 3
     assert {r["grid"] for r in results} == {"no", "yes", "candidates"}
     for result in results:
         assert 0 < result["registers"] <= 255, result
-        if result["dtype"] == "bfloat16" and result["target"] == "sm_90":
-            assert result["stack_bytes"] == 0, result
+        if result["dtype"] == "bfloat16" and result["target"] == "sm_90" and triton_version >= (3, 5):
+            assert result["stack_bytes"] == 0, result  # (Triton 3.3 and 3.4 spill some: 64-600 bytes)
         assert result["tensor_core_instructions"] > 0, result
         assert result["shared_fits"], result  # within the target's shared memory per block: it would launch
         assert result["programs_per_sm"] >= 1, result
@@ -281,7 +297,7 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
 def test_a_register_cap_is_compiled_in(tmp_path):
     """`registers` caps the grid kernel's registers a thread, `candidate_registers` the candidates kernel's (Triton's
     maxnreg), each kernel's own; what an SM then holds follows the occupancy arithmetic."""
-    pytest.importorskip("triton.backends.nvidia")
+    _skip_unless_triton_compiles()
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from kernel_compile import programs_per_sm

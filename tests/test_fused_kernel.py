@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import skip_unless_triton_interprets
 
 pytest.importorskip("triton")
 
@@ -176,6 +177,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_fused_kernel_in_the_triton_interpreter(tmp_path):
+    skip_unless_triton_interprets()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     completed = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
@@ -233,6 +235,37 @@ def test_a_failing_kernel_falls_back_to_pytorch_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="fused G2L kernel failed .*PTX assembly failed.*PyTorch path"):
         assert kernels_m3el.try_fused_global_to_local(query) is None
     assert not kernels_m3el.fused_g2l_wanted(query.cuda() if torch.cuda.is_available() else query)
+
+
+def test_a_triton_that_would_abort_the_process_is_refused_before_compiling(monkeypatch):
+    """Triton 3.2 (PyTorch 2.6's) aborts the process compiling the float32 kernel, past any fallback: the kernel is
+    not compiled with it (one warning, then the PyTorch path), and forcing it says why. The interpreter runs it."""
+    import types
+
+    import torch
+
+    from modeling_m3el import kernels_m3el
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kernels_m3el, "_kernel_failure", None)
+    for version in ("3.3.0", "3.3.1+git1a2b3c", "3.10.0"):
+        monkeypatch.setattr(kernels_m3el.triton, "__version__", version)
+        assert kernels_m3el.compiled_kernel_refused() is None
+    monkeypatch.setattr(kernels_m3el.triton, "__version__", "3.2.0")
+    reason = kernels_m3el.compiled_kernel_refused()
+    assert "Triton 3.2.0 aborts the process" in reason and "Triton 3.3 or newer" in reason
+    monkeypatch.setenv(kernels_m3el.KERNEL_ENV, "triton")
+    with pytest.raises(RuntimeError, match=r"M3EL_G2L_KERNEL=triton: Triton 3\.2\.0 aborts"):
+        kernels_m3el.fused_g2l_wanted(torch.zeros(2, 40, 16))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels_m3el.compiled_kernel_refused() is None
+    assert kernels_m3el.fused_g2l_wanted(torch.zeros(2, 40, 16))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv(kernels_m3el.KERNEL_ENV, "auto")
+    cuda_query = types.SimpleNamespace(dtype=torch.float32, is_cuda=True, requires_grad=False)  # (no GPU here)
+    with pytest.warns(UserWarning, match=r"fused G2L kernel failed .*Triton 3\.2\.0.*PyTorch path"):
+        assert not kernels_m3el.fused_g2l_wanted(cuda_query)
+    assert kernels_m3el._kernel_failure is not None and not kernels_m3el.fused_g2l_wanted(cuda_query)
 
 
 def test_the_ranker_survives_a_failing_kernel(monkeypatch):
