@@ -176,7 +176,10 @@ def _usage(model_id: str, model_dir: str, examples: list[dict]) -> str:
     has_index = os.path.isfile(os.path.join(model_dir, "entity_index.json"))
     entities = {e["id"]: e for e in _read_jsonl(os.path.join(model_dir, "entities.jsonl"))}
     example = examples[0] if examples else None
-    parts = []
+    parts = [textwrap.dedent("""\
+        The model's code comes with it (`trust_remote_code=True`); it needs PyTorch 2.6 or newer and transformers 5.24 or
+        newer (`pip install "torch>=2.6" "transformers>=5.24,<6" pillow`).
+        """)]
     if has_index and example:
         parts.append(textwrap.dedent(f"""\
             The `{TASK}` pipeline links mentions against the knowledge base indexed in this repository
