@@ -90,14 +90,15 @@ def fused_g2l_wanted(query: torch.Tensor, *tensors: torch.Tensor) -> bool:
         return False
     if choice == "auto" and _kernel_failure is not None:
         return False
-    if (choice == "triton" or query.is_cuda) and (reason := compiled_kernel_refused()) is not None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, *tensors)):
+        return False  # training: the kernel has no backward pass
+    wanted = choice == "triton" or query.is_cuda
+    if wanted and (reason := compiled_kernel_refused()) is not None:
         if choice == "triton":
             raise RuntimeError(f"{KERNEL_ENV}=triton: {reason}")
         record_failure(RuntimeError(reason))  # one warning; the PyTorch path from then on
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, *tensors)):
-        return False  # training: the kernel has no backward pass
-    return choice == "triton" or query.is_cuda
+    return wanted
 
 
 if triton is not None:
@@ -303,13 +304,18 @@ if triton is not None:
             tl.store(out_ptr + mention * num_candidates + places, score, mask=slot_valid)
 
 
+def major_minor(version: str) -> tuple[int, int]:
+    """(3, 3) of "3.3.1+git1a2b3c"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def compiled_kernel_refused() -> str | None:
     """Why the kernels must not be compiled with the installed Triton (None: they may), `MIN_TRITON`; the interpreter
     compiles nothing."""
     if triton is None or os.environ.get("TRITON_INTERPRET") == "1":
         return None
-    version = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
-    if version >= MIN_TRITON:
+    if major_minor(triton.__version__) >= MIN_TRITON:
         return None
     minimum = ".".join(map(str, MIN_TRITON))
     return (

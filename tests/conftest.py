@@ -44,10 +44,9 @@ def skip_unless_triton_interprets() -> None:
     triton = pytest.importorskip("triton")
     import numpy
 
-    def version(module):
-        return tuple(int(part) for part in module.__version__.split("+")[0].split(".")[:2])
+    from modeling_m3el.kernels_m3el import major_minor
 
-    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
         pytest.skip(f"Triton {triton.__version__}'s interpreter fails on numpy {numpy.__version__}")
 
 

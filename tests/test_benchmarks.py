@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import skip_unless_triton_interprets
 
+from modeling_m3el import kernels_m3el
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -192,8 +194,6 @@ def test_kernel_check_agrees_in_the_triton_interpreter(tmp_path):
     # The launch written for the other benchmarks' --launch, per dtype: what the grid kernel takes from it is what it
     # takes from the launch of the least scores() time; what the candidates kernel takes, from the launch of the
     # least score_candidates() time (as `kernels_m3el._launch` reads a launch).
-    from modeling_m3el import kernels_m3el
-
     launches = json.loads((tmp_path / "launch.json").read_text())
     assert set(launches) == {"float32", "half"}
 
@@ -249,8 +249,6 @@ def _skip_unless_triton_compiles():
     """Skip where Triton cannot compile for NVIDIA GPUs here, or is too old to compile the kernels at all (the runtime
     then takes the PyTorch path: `kernels_m3el.MIN_TRITON`)."""
     pytest.importorskip("triton.backends.nvidia")
-    from modeling_m3el import kernels_m3el
-
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("TRITON_INTERPRET", raising=False)
         refused = kernels_m3el.compiled_kernel_refused()
@@ -278,7 +276,7 @@ def test_kernel_compiles_for_ampere_and_hopper_without_a_gpu(tmp_path, model, ta
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "TRITON_DEFAULT_FP_FUSION" not in completed.stderr  # the launch states FP fusion (Triton 3.9 warns if not)
     results = json.loads(output.read_text())["results"]
-    triton_version = tuple(int(part) for part in json.loads(output.read_text())["triton"].split(".")[:2])
+    triton_version = kernels_m3el.major_minor(json.loads(output.read_text())["triton"])
     assert {r["target"] for r in results} == {f"sm_{t}" for t in targets.split(",")}
     # targets x dtypes x G2L blocks x (the grid without a mask, with one, the candidates kernel)
     assert len(results) == len(targets.split(",")) * 2 * 2 * 3
