@@ -169,8 +169,7 @@ def run(args) -> dict:
                 if retriever is None:  # all K candidates (untimed): is the exact top-1 among them?
                     candidates = torch.cat([rows for _, rows, _ in in_batches(
                         lambda m, k=k: search(m, k, top=k), mentions, args.mention_batch)])
-                    hits = (candidates == exact_top1[:, None].to(candidates.device)).any(dim=1)
-                    recall = CandidateRecall(float(hits.float().mean()), int(hits.sum()), len(hits), k, hits)
+                    recall = CandidateRecall.of(candidates, exact_top1)
                 else:
                     recall = retriever.candidate_recall(mentions, k_candidates=k, exact_top1_rows=exact_top1)
                 results.append({

@@ -20,7 +20,7 @@ from modeling_m3el.data import load_benchmark
 from modeling_m3el.demo import DEMO_MANIFEST
 from modeling_m3el.evaluation import index_rows
 from modeling_m3el.index_m3el import EntityIndex
-from modeling_m3el.retrieval import TwoStageRetriever
+from modeling_m3el.retrieval import CandidateRecall, TwoStageRetriever
 
 
 def main(argv=None):
@@ -49,12 +49,11 @@ def main(argv=None):
         for fraction in (float(f) for f in args.fractions.split(",")):
             k = max(1, math.floor(fraction * len(index)))
             if backend == "estimate":
-                candidates = index.topk(model, features, k=k, candidates=k)[1]  # all K, by exact score
-                hits, count = int((candidates == exact_top1[:, None]).any(dim=1).sum()), len(candidates)
+                recall = CandidateRecall.of(index.topk(model, features, k=k, candidates=k)[1], exact_top1)  # all K
             else:
                 retriever = TwoStageRetriever(index, model, k_candidates=k, backend=backend)
                 recall = retriever.candidate_recall(features, exact_top1_rows=exact_top1)
-                hits, count = recall.hits, recall.count
+            hits, count = recall.hits, recall.count
             results.append({"backend": backend, "k": k, "fraction": fraction, "recall": hits / count,
                             "hits": hits, "count": count})
             rows.append([backend, f"{k} ({100 * k / len(index):.1f}%)", f"{100 * hits / count:.1f}%",

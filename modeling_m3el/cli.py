@@ -26,10 +26,12 @@ def _load_model(folder: str, dtype: str, device: str | None):
 def _eval(args) -> int:
     from .data import load_benchmark
     from .evaluation import gold_ranks, index_rows, ranking_metrics
-    from .index_m3el import EntityIndex
+    from .index_m3el import EntityIndex, check_candidates
 
-    if args.candidates is not None and args.candidates <= 0:
-        raise SystemExit(f"error: --candidates must be a positive integer, got {args.candidates}")
+    try:
+        check_candidates(args.candidates)
+    except ValueError as error:
+        raise SystemExit(f"error: --{error}") from None
     benchmark = load_benchmark(args.data, splits=[args.split])  # first: a data error is said before the model loads
     print(benchmark.summary(), file=sys.stderr)
     model, processor = _load_model(args.model, args.dtype, args.device)

@@ -113,6 +113,14 @@ class CandidateRecall:
     k_candidates: int
     found: torch.Tensor
 
+    @classmethod
+    def of(cls, candidate_rows: torch.Tensor, exact_top1_rows: torch.Tensor) -> "CandidateRecall":
+        """From each mention's K candidate rows (B, K) and its exact top-1 row (B,)."""
+        found = (candidate_rows == exact_top1_rows.to(candidate_rows.device)[:, None]).any(dim=1).cpu()
+        hits = int(found.sum())
+        return cls(recall=hits / len(found), hits=hits, count=len(found), k_candidates=candidate_rows.shape[1],
+                   found=found)
+
 
 class TwoStageRetriever:
     """
@@ -338,9 +346,7 @@ class TwoStageRetriever:
             raise ValueError(f"{exact_top1_rows.shape[0]} exact top-1 rows for {num_mentions} mentions")
         k = self.k_candidates if k_candidates is None else self._clipped_k(k_candidates, len(self.index))
         _, rows = self.candidates(mention_features, k)
-        found = (rows == exact_top1_rows[:, None]).any(dim=1).cpu()
-        hits = int(found.sum())
-        return CandidateRecall(recall=hits / num_mentions, hits=hits, count=num_mentions, k_candidates=k, found=found)
+        return CandidateRecall.of(rows, exact_top1_rows)
 
     # --------------------------------------------------------------------------------------------- save/load
 
