@@ -15,6 +15,18 @@ from .kernels_m3el import fused_g2l_wanted, try_fused_global_to_local
 
 CSRA_MAX_TEMPERATURE = 99.0  # CSRA's convention, kept by the authors: this temperature means max pooling
 
+# The parts of the final score that are dot products of vectors computed for each side alone, as (branch, name of
+# the prepared vector, weight inside the branch): the G2G halves of the intra-modal branches (SPEC 4.1: (g2g + g2l)
+# / 2) and the cross-modal scores (SPEC 4.2). The final score averages the branches (SPEC 4.3), so each weight is
+# further divided by the number of branches. A model has those of its enabled branches (`prepare_*` outputs hold
+# no others). The score bounds, the estimate and two-stage retrieval's vectors all read this one table.
+DOT_PRODUCT_PARTS = (
+    ("text", "embeds", 0.5),
+    ("image", "embeds", 0.5),
+    ("cross_modal", "text_to_image", 1.0),
+    ("cross_modal", "image_to_text", 1.0),
+)
+
 
 @dataclass
 class M3ELFeatures(ModelOutput):
@@ -771,9 +783,8 @@ class M3ELModel(M3ELPreTrainedModel):
         dense, magnitude, num_branches = None, None, 0
         dtype = next(iter(next(iter(entities.values())).values())).dtype
         work = torch.promote_types(dtype, torch.float32)
-        pairs = [(mentions[name]["embeds"], entities[name]["embeds"], 0.5) for name, _ in self._intra_modal_blocks()]
-        if self.cross_modal_matching is not None:
-            pairs += [(vector, entities["cross_modal"][name], 1.0) for name, vector in mentions["cross_modal"].items()]
+        pairs = [(mentions[branch][name], entities[branch][name], weight)
+                 for branch, name, weight in DOT_PRODUCT_PARTS if name in mentions.get(branch, {})]
         for mention_vectors, entity_vectors, weight in pairs:
             num_branches += 1
             mention_vectors, entity_vectors = mention_vectors.to(work), entity_vectors.to(work)

@@ -13,23 +13,15 @@ import numpy as np
 import torch
 
 from .index_m3el import EntityIndex, StaleIndexError, merge_topk
-from .modeling_m3el import M3ELFeatures, M3ELModel
+from .modeling_m3el import DOT_PRODUCT_PARTS, M3ELFeatures, M3ELModel
 
 BACKENDS = ("flat", "ivf", "hnsw", "torch")
 RETRIEVER_FAISS = "entity_index.faiss"
 RETRIEVER_META = "retriever.json"
 RETRIEVER_FORMAT = 2  # 2: the G2L centres' column added to the vectors
 
-# The parts of the final score that are dot products of vectors computed for each side alone, with their weight
-# inside their branch: the G2G halves of the intra-modal branches (SPEC 4.1: (g2g + g2l) / 2) and the cross-modal
-# scores (SPEC 4.2). The final score averages the branches (SPEC 4.3), so each weight is further divided by the
-# number of branches. Keys are `EntityIndex` tensor names ("{branch}.{name}").
-DENSE_PARTS = (
-    ("text.embeds", 0.5),
-    ("image.embeds", 0.5),
-    ("cross_modal.text_to_image", 1.0),
-    ("cross_modal.image_to_text", 1.0),
-)
+# `DOT_PRODUCT_PARTS` as `EntityIndex` tensor names ("{branch}.{name}") with their weights inside their branch.
+DENSE_PARTS = tuple((f"{branch}.{name}", weight) for branch, name, weight in DOT_PRODUCT_PARTS)
 
 
 def _num_branches(keys) -> int:
