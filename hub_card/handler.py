@@ -81,9 +81,11 @@ def _inline_image(mention, position: int):
     if not isinstance(image, str):
         raise ValueError(f"input {position}: 'image' must be a base64 string or a data URL, got {type(image).__name__}")
     if image.startswith("data:"):
-        return mention
+        return mention  # the processor decodes base64 data URLs and refuses any other, opening no file
     try:
-        data = base64.b64decode(image, validate=True)
+        compact = "".join(image.split())  # line breaks, as the `base64` command writes them
+        altchars = b"-_" if "-" in compact or "_" in compact else None  # URL-safe base64
+        data = base64.b64decode(compact, altchars=altchars, validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(
             f"input {position}: 'image' is not base64 (send the image's bytes base64-encoded, or a data URL; "

@@ -13,7 +13,10 @@ def _load_model(folder: str, dtype: str, device: str | None):
     import torch
 
     from . import M3ELModel, M3ELProcessor
+    from .pipeline_m3el import _looks_local
 
+    if not os.path.isdir(folder) and _looks_local(folder):
+        raise SystemExit(f"error: no such model folder: {folder}")
     try:
         model = M3ELModel.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
         processor = M3ELProcessor.from_pretrained(folder)
@@ -79,6 +82,7 @@ def _index(args) -> int:
     from .data import load_benchmark
     from .evaluation import index_rows
     from .index_m3el import INDEX_META, EntityIndex, StaleIndexError
+    from .pipeline_m3el import save_entities
 
     benchmark = load_benchmark(args.data, splits=[])
     model, processor = _load_model(args.model, args.dtype, args.device)
@@ -112,6 +116,9 @@ def _index(args) -> int:
                                        device="cpu", num_workers=args.num_workers))
     index = EntityIndex.concat(parts).select(list(digests)) if len(parts) > 1 else parts[0]
     index.save(args.output)
+    # the names, descriptions and image paths that `m3el link --index` and the pipeline show with the results
+    save_entities(args.output, [{**row, "image": os.path.abspath(row["image"]) if row.get("image") else None}
+                                for row in rows])
     # after the index: a crash between the two leaves the old digests, which only make entities be encoded again
     _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "entities": digests})
     summary = ""
@@ -139,9 +146,18 @@ def _convert(args) -> int:
 
 
 def _link(args) -> int:
-    from .index_m3el import EntityIndex
-    from .pipeline_m3el import M3ELEntityLinkingPipeline
+    from .index_m3el import EntityIndex, check_candidates
+    from .pipeline_m3el import M3ELEntityLinkingPipeline, check_top_k
 
+    # the arguments first: a mistake is said before the model loads
+    for flag, value in (("--mention", args.mention), ("--sentence", args.sentence)):
+        if not value.strip():
+            raise SystemExit(f"error: {flag} is empty")
+    try:
+        check_top_k(args.top_k)
+        check_candidates(args.candidates)
+    except ValueError as error:
+        raise SystemExit(f"error: --{error}".replace("--top_k", "--top-k")) from None
     model, processor = _load_model(args.model, args.dtype, args.device)
     index = EntityIndex.load(args.index, model) if args.index else None
     entities = args.entities or (

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,19 +32,26 @@ class StaleIndexError(ValueError):
     """The index was built with another model (weights or config) than the one asked to rank with it."""
 
 
-def _fingerprint_snapshot(model: M3ELModel) -> tuple[bytes, list[tuple[bytes, object]]]:
+FINGERPRINT_ROUNDINGS = (torch.bfloat16, torch.float16)
+
+
+def _fingerprint_snapshot(
+    model: M3ELModel, rounding: torch.dtype = torch.bfloat16
+) -> tuple[bytes, list[tuple[bytes, object]]]:
     """
     What `model_fingerprint` hashes, copied to host memory: the config's JSON and, by name, each weight's bytes
-    (floating-point weights rounded to bfloat16). The floating-point weights are rounded and joined on their own
+    (floating-point weights rounded to `rounding`). The floating-point weights are rounded and joined on their own
     device and copied to the host in one transfer (not one synchronising copy per tensor).
     """
+    if rounding not in FINGERPRINT_ROUNDINGS:
+        raise ValueError(f"a fingerprint rounds weights to one of {FINGERPRINT_ROUNDINGS}, got {rounding}")
     config = json.dumps(_scoring_config(model.config.to_dict()), sort_keys=True, default=str).encode()
     named = sorted(model.state_dict().items())
     floating = [t.detach() for _, t in named if t.is_floating_point()]
     device = floating[0].device if floating else "cpu"
-    flat = torch.empty(sum(t.numel() for t in floating), dtype=torch.bfloat16, device=device)
+    flat = torch.empty(sum(t.numel() for t in floating), dtype=rounding, device=device)
     offset = 0
-    for tensor in floating:  # rounded to bfloat16 as they are copied in (round to nearest even, as `.to`)
+    for tensor in floating:  # rounded as they are copied in (round to nearest even, as `.to`)
         flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
         offset += tensor.numel()
     flat = flat.view(torch.int16).cpu().numpy()
@@ -68,28 +76,65 @@ def _hash_snapshot(snapshot: tuple[bytes, list[tuple[bytes, object]]]) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: M3ELModel) -> str:
+def model_fingerprint(model: M3ELModel, rounding: torch.dtype = torch.bfloat16) -> str:
     """
-    Hash of the model's config and weights. Weights are hashed after rounding to bfloat16, so the same checkpoint
-    loaded in float32 or bfloat16 has one fingerprint, while any training step changes it. (Loaded in float16, a
-    weight is rounded twice and may hash differently: rebuild the index, or load the model in bfloat16.)
+    Hash of the model's config and weights, the weights rounded to `rounding` (bfloat16 or float16) first: the same
+    checkpoint loaded in float32 or in that dtype has one fingerprint, while any training step changes it. An index
+    keeps both (`EntityIndex.fingerprint`, `EntityIndex.float16_fingerprint`): a weight rounded to float16 and then
+    to bfloat16 may differ from the weight rounded to bfloat16 at once, so no single rounding serves all three dtypes.
     """
-    return _hash_snapshot(_fingerprint_snapshot(model))
+    return _hash_snapshot(_fingerprint_snapshot(model, rounding))
+
+
+def _floating_dtypes(model: M3ELModel) -> set[torch.dtype]:
+    return {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
+
+
+def _matches(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None) -> tuple[bool, str]:
+    """
+    Whether `model` is the one the fingerprints were taken of, up to the rounding of loading it in float32, bfloat16
+    or float16: the fingerprint of the model's own precision first (float16 for a model with float16 weights), the
+    other when that one differs. -> (match, the model's first fingerprint, for the error message).
+    """
+    orders = [(fingerprint, torch.bfloat16), (float16_fingerprint, torch.float16)]
+    if torch.float16 in _floating_dtypes(model):
+        orders.reverse()
+    first = None
+    for expected, rounding in orders:
+        if expected is None:
+            continue
+        current = model_fingerprint(model, rounding)
+        first = first or current
+        if current == expected:
+            return True, current
+    return False, first
+
+
+def _stale_message(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None, current: str) -> str:
+    why = f"fingerprint {fingerprint}, this model: {current}"
+    if float16_fingerprint is None and torch.float16 in _floating_dtypes(model):
+        why += ("; the index was saved before indexes kept a float16 fingerprint, so a model loaded in float16 cannot "
+                "be checked against it: load the model in float32 or bfloat16, or rebuild the index")
+    return f"was built with another model ({why}); rebuild it with EntityIndex.build(model, processor, entities)"
 
 
 class _BackgroundFingerprint:
-    """`model_fingerprint(model)`, its weights copied now and hashed in a thread while the caller encodes a KB (the
-    hash, about half a second at B/32 size, runs beside the GPU's work); `result()` waits for it."""
+    """The model's fingerprints (bfloat16, float16 roundings), its weights copied now and hashed in a thread while the
+    caller encodes a KB (the hashes, about half a second each at B/32 size, run beside the GPU's work); `result()`
+    waits for them."""
 
     def __init__(self, model: M3ELModel):
         from concurrent.futures import ThreadPoolExecutor
 
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3el-fingerprint")
-        self._future = self._executor.submit(_hash_snapshot, _fingerprint_snapshot(model))
+        self._futures = [self._executor.submit(_hash_snapshot, _fingerprint_snapshot(model, rounding))
+                         for rounding in FINGERPRINT_ROUNDINGS]
         self._executor.shutdown(wait=False)
 
-    def result(self) -> str:
-        return self._future.result()
+    def result(self) -> dict[str, str]:
+        """The `fingerprint` and `float16_fingerprint` arguments of `EntityIndex`."""
+        bfloat16, float16 = (future.result() for future in self._futures)
+        return {"fingerprint": bfloat16, "float16_fingerprint": float16}
 
 
 class _Rows:
@@ -159,7 +204,10 @@ class EntityIndex:
     # allows (see `_piece_bytes`).
     cpu_piece_bytes = 16 * 2**20
 
-    def __init__(self, tensors: dict[str, torch.Tensor], entity_ids: Sequence[str], fingerprint: str):
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], entity_ids: Sequence[str], fingerprint: str,
+        float16_fingerprint: str | None = None,
+    ):
         if len(entity_ids) == 0:
             raise ValueError("an EntityIndex needs at least one entity")
         if len(set(entity_ids)) != len(entity_ids):
@@ -174,7 +222,8 @@ class EntityIndex:
                 raise ValueError(f"index tensor {name} has {tensor.shape[0]} rows for {len(entity_ids)} entities")
         self.tensors = tensors
         self.entity_ids = list(entity_ids)
-        self.fingerprint = fingerprint
+        self.fingerprint = fingerprint  # `model_fingerprint(model)`: weights rounded to bfloat16
+        self.float16_fingerprint = float16_fingerprint  # the same, rounded to float16 (None: an index saved without)
         self._position = {entity_id: i for i, entity_id in enumerate(self.entity_ids)}
 
     def __len__(self) -> int:
@@ -197,7 +246,7 @@ class EntityIndex:
 
     def to(self, device=None, dtype=None) -> "EntityIndex":
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        return EntityIndex(tensors, self.entity_ids, self.fingerprint)
+        return EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint)
 
     def positions(self, entity_ids: Iterable[str]) -> torch.Tensor:
         """Row of each entity id; an unknown id raises a KeyError naming it."""
@@ -215,7 +264,8 @@ class EntityIndex:
         """
         rows = self.positions(entity_ids).to(self.device)
         tensors = {name: tensor.index_select(0, rows) for name, tensor in self.tensors.items()}
-        return EntityIndex(tensors, [self.entity_ids[row] for row in rows.tolist()], self.fingerprint)
+        return EntityIndex(tensors, [self.entity_ids[row] for row in rows.tolist()], self.fingerprint,
+                           self.float16_fingerprint)
 
     @classmethod
     def concat(cls, indexes: Sequence["EntityIndex"]) -> "EntityIndex":
@@ -243,7 +293,9 @@ class EntityIndex:
                 raise ValueError(f"index {position} of concat holds other tensors than index 0: "
                                  f"{sorted(index.tensors)} against {sorted(first.tensors)}")
         tensors = {name: torch.cat([index.tensors[name] for index in indexes]) for name in first.tensors}
-        return cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint)
+        float16 = {index.float16_fingerprint for index in indexes}
+        return cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint,
+                   float16.pop() if len(float16) == 1 else None)
 
     # ------------------------------------------------------------------------------------------------ build
 
@@ -271,7 +323,7 @@ class EntityIndex:
         rows = _Rows(num_entities, dtype, device)
         for start in range(0, num_entities, step):
             rows.add(model, M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()}))
-        return cls(rows.result(), entity_ids, fingerprint.result())
+        return cls(rows.result(), entity_ids, **fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -309,7 +361,7 @@ class EntityIndex:
         for start in batches:
             batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
             rows.add(model, model.encode(**batch, side="entity"))
-        return cls(rows.result(), [str(e) for e in entity_ids], fingerprint.result())
+        return cls(rows.result(), [str(e) for e in entity_ids], **fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -367,7 +419,7 @@ class EntityIndex:
         if world > 1:
             tensors = {name: gather_shares(accelerator, t, share, len(entities)) for name, t in tensors.items()}
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return cls(tensors, [str(e["id"]) for e in entities], fingerprint.result())
+        return cls(tensors, [str(e["id"]) for e in entities], **fingerprint.result())
 
     # --------------------------------------------------------------------------------------------- save/load
 
@@ -377,6 +429,7 @@ class EntityIndex:
         meta = {
             "format": INDEX_FORMAT,
             "fingerprint": self.fingerprint,
+            "float16_fingerprint": self.float16_fingerprint,
             "num_entities": len(self),
             "dtype": str(self.dtype).replace("torch.", ""),
             "entity_ids": self.entity_ids,
@@ -417,20 +470,19 @@ class EntityIndex:
             raise ValueError(
                 f"{folder}: {INDEX_WEIGHTS} and {INDEX_META} come from different builds (interrupted save?); rebuild"
             )
+        float16_fingerprint = meta.get("float16_fingerprint")  # absent from indexes saved before it was kept
         if model is not None:
-            current = model_fingerprint(model)
-            if current != meta["fingerprint"]:
-                raise StaleIndexError(
-                    f"the entity index in {folder} was built with another model (fingerprint {meta['fingerprint']}, "
-                    f"this model: {current}); rebuild it with EntityIndex.build(model, processor, entities)"
-                )
+            match, current = _matches(model, meta["fingerprint"], float16_fingerprint)
+            if not match:
+                raise StaleIndexError(f"the entity index in {folder} "
+                                      + _stale_message(model, meta["fingerprint"], float16_fingerprint, current))
         if device is None:
             device = model.device if model is not None else "cpu"
         tensors = load_file(weights_path, device=str(device))
         if dtype is not None:
             for name in list(tensors):  # one tensor at a time: each saved tensor is freed once converted
                 tensors[name] = tensors[name].to(dtype)
-        return cls(tensors, meta["entity_ids"], meta["fingerprint"])
+        return cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint)
 
     # -------------------------------------------------------------------------------------------------- rank
 
@@ -442,8 +494,13 @@ class EntityIndex:
         return prepared
 
     def check_model(self, model: M3ELModel) -> None:
-        if model_fingerprint(model) != self.fingerprint:
-            raise StaleIndexError("this entity index was built with another model; rebuild it for this one")
+        """Refuse (StaleIndexError) a model other than the one the index was built with, in float32, bfloat16 or
+        float16."""
+        match, current = _matches(model, self.fingerprint, self.float16_fingerprint)
+        if not match:
+            raise StaleIndexError(
+                "this entity index " + _stale_message(model, self.fingerprint, self.float16_fingerprint, current)
+            )
 
     @torch.no_grad()
     def scores(
@@ -850,7 +907,7 @@ class EntityIndex:
         if len(gold_entity_ids) != mention_features.text_embeds.shape[0]:
             raise ValueError(f"{len(gold_entity_ids)} gold ids for {mention_features.text_embeds.shape[0]} mentions")
         gold = self.positions(gold_entity_ids).to(self.device)
-        check_candidates(candidates)
+        candidates = check_candidates(candidates)
         if candidates is not None and candidates < len(self):
             values, rows = self._among_candidates(model, mention_features, candidates, candidates, chunk_size,
                                                   memory_budget_bytes)
@@ -951,7 +1008,7 @@ class EntityIndex:
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        check_candidates(candidates)
+        candidates = check_candidates(candidates)
         if candidates is not None and candidates < len(self):
             values, rows = self._among_candidates(model, mention_features, k, candidates, chunk_size,
                                                   memory_budget_bytes)
@@ -1035,10 +1092,13 @@ def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Ten
     return values, rows
 
 
-def check_candidates(candidates) -> None:
-    """`candidates` of `topk`, `rank` and the pipeline: None or a positive int."""
-    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates <= 0):
+def check_candidates(candidates) -> int | None:
+    """`candidates` of `topk`, `rank` and the pipeline: None or a positive integer (returned as an int)."""
+    if candidates is not None and (
+        isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral) or candidates <= 0
+    ):
         raise ValueError(f"candidates must be a positive integer, got {candidates!r}")
+    return None if candidates is None else int(candidates)
 
 
 def _other_blocks(parts: dict, known: tuple[str, torch.Tensor] | None) -> list[str] | None:

@@ -589,7 +589,11 @@ class M3ELModel(M3ELPreTrainedModel):
         count = "num_mentions" if side == "mention" else "num_entities"
         length = self.config.text_max_length
         if input_ids is None or pixel_values is None:
-            raise ValueError(f"{side}s need both `{prefix}input_ids` and `{prefix}pixel_values`")
+            plural = "mentions" if side == "mention" else "entities"
+            hint = ("processor(mentions=..., sentences=..., images=...)" if side == "mention" else
+                    "processor(entity_names=..., entity_descriptions=..., entity_images=...)")
+            raise ValueError(f"{plural} need both `{prefix}input_ids` and `{prefix}pixel_values` (from {hint}); "
+                             "model(...) scores mentions against entities and needs both sides, model.encode(...) encodes one side")
         if input_ids.dim() != 2 or input_ids.shape[1] != length:
             raise ValueError(
                 f"`{prefix}input_ids` must have shape ({count}, {length}): texts are padded to exactly "

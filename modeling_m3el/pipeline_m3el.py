@@ -1,12 +1,15 @@
 """The `multimodal-entity-linking` pipeline: mentions (a name, its sentence, its image) in, a KB's top-k entities out."""
 
 import json
+import numbers
 import os
+import shutil
 import warnings
+from collections.abc import Mapping
 
 from transformers import Pipeline
 
-from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, check_candidates, model_fingerprint
+from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, check_candidates
 
 TASK = "multimodal-entity-linking"
 ENTITIES_FILE = "entities.jsonl"  # the KB's metadata, one entity a line, in the JSON Lines benchmark layout
@@ -39,12 +42,13 @@ def save_entities(folder: str | os.PathLike, entities: list[dict]) -> str:
     """Write a KB's metadata (see `load_entities`) as `entities.jsonl` in `folder`; returns the file's path."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, ENTITIES_FILE)
-    with open(path, "w", encoding="utf-8") as f:
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:  # then renamed: a crash never leaves half a file
         for entity in entities:
             record = {"id": str(entity["id"]), "name": entity.get("name"), "description": entity.get("description")}
             images = entity.get("images") or ([entity["image"]] if entity.get("image") is not None else [])
             record["images"] = [image for image in images if isinstance(image, str)]  # references only, not pixels
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(f"{path}.tmp", path)
     return path
 
 
@@ -65,13 +69,19 @@ def check_mention(mention, position: int = 0) -> dict:
             raise ValueError(f"{where}: {field!r} must be a string, got {type(mention[field]).__name__}")
         if not mention[field].strip():
             raise ValueError(f"{where}: {field!r} is empty")
-    return {"mention": mention["mention"], "text": mention["text"], "image": mention.get("image")}
+    return {"mention": mention["mention"], "text": mention["text"], "image": mention.get("image"), "position": position}
 
 
 def check_top_k(top_k) -> int:
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k <= 0:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-    return top_k
+    return int(top_k)
+
+
+def _looks_local(location: str) -> bool:
+    """A path meant for this machine rather than a Hub repo id ("name" or "namespace/name")."""
+    return (os.path.isabs(location) or location.startswith(("./", "../", "~", ".\\", "..\\"))
+            or location.count("/") > 1 or os.sep != "/" and os.sep in location)
 
 
 def _is_url(value) -> bool:
@@ -172,13 +182,27 @@ class M3ELEntityLinkingPipeline(Pipeline):
             index.check_model(self.model)
             return index, None, None
         if isinstance(index, (list, tuple)):
-            records = [dict(record) for record in index]
+            records = []
+            for position, record in enumerate(index):
+                if not isinstance(record, Mapping):
+                    raise ValueError(f"index entity {position}: an entity is a dict with 'id', 'name', 'description' "
+                                     f"and optionally 'image' or 'images', got {type(record).__name__}")
+                missing = [field for field in ("id", "name", "description") if field not in record]
+                if missing:
+                    raise ValueError(f"index entity {position}: missing field(s) {', '.join(map(repr, missing))} "
+                                     "(an entity needs 'id', 'name' and 'description')")
+                records.append(dict(record))
             for record in records:  # `image` for the index, `images` for the metadata, as in entities.jsonl
                 if "image" not in record:
                     record["image"] = (record.get("images") or [None])[0]
                 record.setdefault("images", [record["image"]] if record["image"] is not None else [])
             built = EntityIndex.build(self.model, self.processor, records, progress=False)
             return built, None, records
+        if index is not None and not isinstance(index, (str, os.PathLike)):
+            raise ValueError(
+                f"index must be an EntityIndex, a folder or Hub repo holding one, or a list of entity dicts, got "
+                f"{type(index).__name__}"
+            )
         location = index if index is not None else self.model.name_or_path
         if not location:
             raise ValueError(
@@ -186,6 +210,10 @@ class M3ELEntityLinkingPipeline(Pipeline):
                 "entities as dicts (the model was not loaded from a folder that could hold one)"
             )
         location = os.fspath(location)
+        if os.path.isdir(location):
+            location = os.path.abspath(location)  # entity image paths stay valid if the working directory changes
+        elif _looks_local(location):
+            raise ValueError(f"no such folder: {location} (index= a folder saved with EntityIndex.save, or a Hub repo id)")
         meta = self._find_file(location, INDEX_META)
         if meta is None:
             raise ValueError(
@@ -216,8 +244,7 @@ class M3ELEntityLinkingPipeline(Pipeline):
         if top_k is not None:
             forward["top_k"] = check_top_k(top_k)
         if candidates is not None:
-            check_candidates(candidates)
-            forward["candidates"] = candidates
+            forward["candidates"] = check_candidates(candidates)
         if unreadable_image is not None:
             if unreadable_image not in UNREADABLE_IMAGE_MODES:
                 raise ValueError(f"unreadable_image must be one of {UNREADABLE_IMAGE_MODES}, got {unreadable_image!r}")
@@ -241,6 +268,7 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     def preprocess(self, inputs, unreadable_image="error"):
         mention, text, image = inputs["mention"], inputs["text"], inputs["image"]
+        where = f"input {inputs.get('position', 0)} (mention {mention!r})"
         if _is_url(image):
             from transformers.image_utils import load_image
 
@@ -248,14 +276,14 @@ class M3ELEntityLinkingPipeline(Pipeline):
                 image = load_image(image)
             except Exception as error:  # any failure to fetch is an unreadable image, handled below
                 if unreadable_image == "error":
-                    raise ValueError(f"mention {mention!r}: cannot fetch image {inputs['image']}: {error}") from None
+                    raise ValueError(f"{where}: cannot fetch image {inputs['image']}: {error}") from None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             features = self.processor.process_mentions([mention], [text], [image])
         if unreadable_image == "error" and image is not None and not bool(features["has_image"][0]):
             # The processor's warning says why; its "using an all-zero image instead" does not hold here.
             reasons = [str(warning.message).split(". Using an all-zero image")[0] for warning in caught]
-            raise ValueError(f"mention {mention!r}: unreadable image ({'; '.join(reasons) or 'unknown reason'})")
+            raise ValueError(f"{where}: unreadable image ({'; '.join(reasons) or 'unknown reason'})")
         for warning in caught:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         return dict(features)
@@ -299,26 +327,54 @@ class M3ELEntityLinkingPipeline(Pipeline):
         """
         Everything `pipeline("multimodal-entity-linking", model=save_directory, trust_remote_code=True)` needs: the
         model and its code with this pipeline's (registered in config.json's `custom_pipelines`), the processor, the
-        entity index and the KB's metadata (`entities.jsonl`, image references written as they are held).
+        entity index and the KB's metadata (`entities.jsonl`, image references written as they are held). Entity
+        images referenced by a path relative to the KB's folder are copied along, to the same relative path; URLs and
+        absolute paths are written as they are.
         """
         from transformers.dynamic_module_utils import custom_object_save
 
         os.makedirs(save_directory, exist_ok=True)
-        index, fingerprint = self.index, model_fingerprint(self.model)
         module = type(self).__module__.split(".")[-1]
+        # (the fingerprint leaves `custom_pipelines` out: it names code, nothing the scores depend on, so the index
+        # stays this model's)
         self.model.config.custom_pipelines = {
             TASK: {"impl": f"{module}.{type(self).__name__}", "pt": ["AutoModel"], "type": "multimodal"}
         }
-        if index.fingerprint == fingerprint:
-            # The fingerprint hashes the config, and the entry just added names code, not anything the scores depend
-            # on: the index is still this model's, stamped with the fingerprint the saved model will have.
-            index = EntityIndex(index.tensors, index.entity_ids, model_fingerprint(self.model))
         custom_object_save(self, save_directory)  # this file and the files it imports relatively
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
-        index.save(save_directory)
+        self.index.save(save_directory)
         if self.entities:
-            save_entities(save_directory, [self.entities[i] for i in self.index.entity_ids if i in self.entities])
+            records = [self.entities[i] for i in self.index.entity_ids if i in self.entities]
+            save_entities(save_directory, records)
+            self._copy_entity_images(records, save_directory)
+
+    def _copy_entity_images(self, records: list[dict], save_directory: str | os.PathLike) -> None:
+        """Copy the images that `records` reference by a relative path into `save_directory`, at that path."""
+        if self._entity_folder is None:
+            return
+        target_root = os.path.abspath(save_directory)
+        missing = []
+        for record in records:
+            for reference in record.get("images") or []:
+                if not isinstance(reference, str) or _is_url(reference) or os.path.isabs(reference):
+                    continue
+                target = os.path.abspath(os.path.join(target_root, reference))
+                if not target.startswith(target_root + os.sep):
+                    missing.append(reference)  # a path out of the folder ("../x.jpg") cannot travel with it
+                    continue
+                try:
+                    source = self._find_file(self._entity_folder, reference)
+                except (OSError, ValueError):
+                    source = None
+                if source is None:
+                    missing.append(reference)
+                elif os.path.abspath(source) != target:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(source, target)
+        if missing:
+            warnings.warn(f"{len(missing)} entity images referenced in {ENTITIES_FILE} were not copied to "
+                          f"{save_directory} (not found under {self._entity_folder}, or outside it; e.g. {missing[:3]})")
 
 
 __all__ = ["M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]

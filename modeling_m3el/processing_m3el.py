@@ -50,6 +50,15 @@ class M3ELProcessor(ProcessorMixin):
         self.num_unreadable_images = 0
         super().__init__(image_processor, tokenizer)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # `pipeline(..., dtype=...)` hands the model's loading arguments to the processor as well (transformers drops
+        # them for a tokenizer, not for a processor); the tokenizer would keep a torch.dtype among its init arguments
+        # and then fail to write its config in `save_pretrained` (not JSON). They mean nothing to a processor.
+        for key in ("dtype", "torch_dtype"):
+            kwargs.pop(key, None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     # --------------------------------------------------------------------------------------------------- text
 
     def mention_text(self, mention: str, sentence: str) -> str:
@@ -78,18 +87,26 @@ class M3ELProcessor(ProcessorMixin):
                 image = np.clip(image * (255.0 if image.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
             return Image.fromarray(image)
         if isinstance(image, (bytes, bytearray)):
-            return Image.open(io.BytesIO(image))
+            return _open_bytes(image)
         if isinstance(image, (str, os.PathLike)):
             text = str(image)
-            if text.startswith("data:image/") and "," in text:
-                return Image.open(io.BytesIO(base64.b64decode(text.split(",", 1)[1], validate=True)))
+            if not text.strip():
+                raise ValueError("an empty string is not an image (None means no image)")
+            if text.startswith("data:"):  # a data URL: data:[<media type>][;base64],<data>
+                header, comma, data = text.partition(",")
+                if not comma or not header.endswith(";base64"):
+                    raise ValueError("a data URL of an image must be base64-encoded (data:image/...;base64,...)")
+                try:
+                    return _open_bytes(_decode_base64(data))
+                except (binascii.Error, ValueError):
+                    raise ValueError("the data URL's payload is not valid base64") from None
             if os.path.exists(text):
                 return Image.open(text)
             try:
-                data = base64.b64decode(text, validate=True)
+                data = _decode_base64(text)
             except (binascii.Error, ValueError):
                 raise FileNotFoundError(f"no such image file: {text}") from None
-            return Image.open(io.BytesIO(data))
+            return _open_bytes(data)
         raise TypeError(f"unsupported image type {type(image).__name__}")
 
     def load_image(self, image, name: str | None = None) -> tuple[torch.Tensor, bool]:
@@ -212,7 +229,11 @@ class M3ELProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """
         Mention inputs, entity inputs, or both (entity keys prefixed with `entity_`), ready for `M3ELModel(**inputs)`.
+        The tensors are PyTorch's (`return_tensors="pt"` is accepted, and is the only kind).
         """
+        return_tensors = kwargs.pop("return_tensors", "pt")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r}: this processor returns PyTorch tensors only ('pt')")
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
         if mentions is None and entity_names is None:
@@ -234,6 +255,21 @@ class M3ELProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "has_image"]
 
 
+def _decode_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, line breaks and other whitespace ignored (as `base64` the command writes it)."""
+    text = "".join(text.split())
+    if "-" in text or "_" in text:
+        return base64.b64decode(text, altchars=b"-_", validate=True)
+    return base64.b64decode(text, validate=True)
+
+
+def _open_bytes(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's own message names an in-memory file object, not the data
+        raise UnidentifiedImageError(f"not an image format PIL reads ({len(data)} bytes)") from None
+
+
 def _as_batch(first, second, images, names: tuple[str, str]):
     """Accept one sample (strings and a single image) or a batch (lists); return lists."""
     if isinstance(first, str) != isinstance(second, str):
@@ -243,6 +279,11 @@ def _as_batch(first, second, images, names: tuple[str, str]):
     first, second = list(first), list(second)
     if len(first) != len(second):
         raise ValueError(f"got {len(first)} {names[0]} but {len(second)} {names[1]}")
+    if not first:
+        raise ValueError(f"no samples: {names[0]} and {names[1]} are empty")
+    if isinstance(images, (str, bytes, bytearray)):  # one image for a batch: list() would split it into characters
+        raise ValueError(f"{names[0]} and {names[1]} are lists, so the images must be a list too (one per sample, "
+                         f"None for none), got a single {type(images).__name__}")
     for index, (a, b) in enumerate(zip(first, second)):
         if not isinstance(a, str) or not isinstance(b, str):
             raise ValueError(f"sample {index}: {names[0]} and {names[1]} must be strings, got {type(a).__name__}, "

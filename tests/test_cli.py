@@ -1,6 +1,7 @@
 """The `m3el` command: eval and index on a saved model and a benchmark folder give what the library computes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,6 +47,14 @@ def test_index_then_eval_with_the_saved_index(saved):
     root, data, *_ = saved
     assert main(["index", "--model", str(root / "model"), "--data", data, "--output", str(root / "index")]) == 0
     assert (root / "index" / "entity_index.safetensors").exists()
+    # beside it, the KB's metadata, which `m3el link --index` shows with the results (names, existing image paths)
+    entities = [json.loads(line) for line in (root / "index" / "entities.jsonl").read_text().splitlines()]
+    kb = {str(row["id"]): row for row in load_benchmark(data, splits=[]).entities}
+    assert [e["id"] for e in entities] == list(kb)
+    for entity in entities:
+        assert (entity["name"], entity["description"]) == (kb[entity["id"]]["name"], kb[entity["id"]]["description"])
+        assert [os.path.samefile(a, b) for a, b in zip(entity["images"], kb[entity["id"]]["images"][:1])
+                if os.path.exists(b)] == [True] * sum(map(os.path.exists, kb[entity["id"]]["images"][:1]))
     output = root / "with_index.json"
     main(["eval", "--model", str(root / "model"), "--data", data, "--index", str(root / "index"), "--output", str(output)])
     assert json.loads(output.read_text())["mrr"] == pytest.approx(json.loads((root / "results.json").read_text())["mrr"])
@@ -69,8 +78,10 @@ def test_bad_input_is_one_line_naming_it(saved, tmp_path, capsys):
                  str(tmp_path / "index")]) == 1
     error = capsys.readouterr().err
     assert f"error: {tmp_path}: no entities.jsonl" in error and "Loading weights" not in error
-    with pytest.raises(SystemExit, match="cannot load an M3EL model and processor from .*absent"):
+    with pytest.raises(SystemExit, match="no such model folder: .*absent"):
         main(["eval", "--model", str(tmp_path / "absent"), "--data", str(data), "--split", "test"])
+    with pytest.raises(SystemExit, match="cannot load an M3EL model and processor from .*"):  # a folder, not a model
+        main(["eval", "--model", str(tmp_path), "--data", str(data), "--split", "test"])
 
 
 def _write_kb(folder, entities):

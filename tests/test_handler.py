@@ -30,6 +30,12 @@ def test_one_mention_and_a_list(handler, hub_folder, request_body):
     # Entity images are paths in the model repo, not on the endpoint's disk.
     for entity in entities:
         assert entity["image"] is None or (not entity["image"].startswith("/") and (hub_folder / entity["image"]).is_file())
+    # base64 as the `base64` command writes it (line breaks) and URL-safe base64 are read too
+    raw = base64.b64decode(request_body["image"])
+    for form in ("\n".join(request_body["image"][i : i + 76] for i in range(0, len(request_body["image"]), 76)),
+                 base64.urlsafe_b64encode(raw).decode()):
+        assert [e["id"] for e in handler({"inputs": {**request_body, "image": form}, "parameters": {"top_k": 3}})] == [
+            e["id"] for e in entities]
     data_url = {**request_body, "image": "data:image/jpeg;base64," + request_body["image"]}
     batch = handler({"inputs": [request_body, data_url, {"mention": "Atlas", "text": "the Atlas"}]})
     assert len(batch) == 3 and all(len(entities) == 5 for entities in batch)  # the pipeline's default top_k
@@ -53,6 +59,7 @@ def test_one_mention_and_a_list(handler, hub_folder, request_body):
         ({"inputs": {"mention": "Atlas", "text": "the Atlas", "image": base64.b64encode(b"not an image").decode()}},
          "unreadable image"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas", "image": 12}}, "'image' must be a base64 string"),
+        ({"inputs": {"mention": "Atlas", "text": "the Atlas", "image": "data:,/etc/hosts"}}, "must be base64-encoded"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"top_k": 0}}, "top_k must be a positive"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"top_k": -2}}, "top_k must be a positive"),
         ({"inputs": {"mention": "Atlas", "text": "the Atlas"}, "parameters": {"k": 3}}, "unknown parameter"),

@@ -244,8 +244,51 @@ def test_fingerprint_is_the_documented_hash(processor):
         if tensor.is_floating_point():
             tensor = tensor.to(torch.bfloat16).view(torch.int16)
         digest.update(tensor.cpu().contiguous().numpy().tobytes())  # (other buffers as they are)
-    assert model_fingerprint(model) == digest.hexdigest() == _BackgroundFingerprint(model).result()
+    background = _BackgroundFingerprint(model).result()
+    assert model_fingerprint(model) == digest.hexdigest() == background["fingerprint"]
+    assert background["float16_fingerprint"] == model_fingerprint(model, torch.float16) != digest.hexdigest()
     assert model_fingerprint(model.to(torch.bfloat16)) == digest.hexdigest()
+
+
+def test_the_same_weights_in_float16_are_the_same_model(processor, kb, mentions, tmp_path):
+    """A weight rounded to float16 and then to bfloat16 is not always the weight rounded to bfloat16, so a model
+    loaded in float16 has another bfloat16-rounded fingerprint: the index keeps the float16-rounded one as well."""
+    model = _model(processor, "bidirectional")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    index.save(tmp_path)
+    half = _model(processor, "bidirectional").to(torch.float16)
+    assert model_fingerprint(half) != index.fingerprint  # why a second fingerprint is needed
+    assert model_fingerprint(half, torch.float16) == index.float16_fingerprint
+    for same in (half, _model(processor, "bidirectional").to(torch.bfloat16), model):
+        index.check_model(same)
+        loaded = EntityIndex.load(tmp_path, same)
+        assert (loaded.fingerprint, loaded.float16_fingerprint) == (index.fingerprint, index.float16_fingerprint)
+    # kept through to, select, concat and save/load
+    for derived in (index.to(dtype=torch.float16), index.select(["Q3", "Q1"]),
+                    EntityIndex.concat([index.select(["Q0"]), index.select(["Q1"])]), EntityIndex.load(tmp_path)):
+        assert derived.float16_fingerprint == index.float16_fingerprint
+    # an index built from the float16 model serves it and the float32 model (not the bfloat16 one: other roundings)
+    from_half = EntityIndex.build(half, processor, kb, progress=False)
+    from_half.check_model(half)
+    from_half.check_model(model)
+    # another model, in float16 too, is refused
+    other = _model(processor, "bidirectional", seed=1).to(torch.float16)
+    with pytest.raises(StaleIndexError, match="built with another model"):
+        index.check_model(other)
+    with pytest.raises(StaleIndexError, match="built with another model"):
+        EntityIndex.load(tmp_path, other)
+
+
+def test_an_index_saved_without_a_float16_fingerprint_says_what_to_do(processor, kb, tmp_path):
+    model = _model(processor, "text_to_image")
+    EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    del meta["float16_fingerprint"]  # as indexes saved before it was kept
+    (tmp_path / INDEX_META).write_text(json.dumps(meta))
+    assert EntityIndex.load(tmp_path, model).float16_fingerprint is None
+    EntityIndex.load(tmp_path, model.to(torch.bfloat16))
+    with pytest.raises(StaleIndexError, match="load the model in float32 or bfloat16, or rebuild the index"):
+        EntityIndex.load(tmp_path, _model(processor, "text_to_image").to(torch.float16))
 
 
 def test_half_written_index_is_refused(processor, kb, tmp_path):

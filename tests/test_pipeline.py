@@ -6,9 +6,11 @@ import ast
 import base64
 import io
 import json
+import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_without_package
@@ -227,22 +229,43 @@ def test_an_index_of_another_model_or_none_is_refused(linker, hub_folder, tmp_pa
         M3ELEntityLinkingPipeline(model=bare, device="cpu")
 
 
-def test_factory_dtype_and_device(hub_folder, test_mentions):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_factory_dtype_and_device_then_save_pretrained(hub_folder, test_mentions, tmp_path, dtype):
+    """The published folder's index accepts the checkpoint in half precision (bfloat16 and float16 roundings both
+    fingerprinted); the pipeline then saves (the dtype transformers hands the processor is not kept) and loads again
+    with the same scores, its entity images copied along."""
     from transformers import pipeline
 
-    from modeling_m3el.index_m3el import model_fingerprint
-
-    if model_fingerprint(M3ELModel.from_pretrained(hub_folder, dtype=torch.bfloat16)) != model_fingerprint(
-        M3ELModel.from_pretrained(hub_folder)
-    ):
-        pytest.xfail("index_m3el.model_fingerprint hashes the dtype of the nested CLIP configs, so an index refuses "
-                     "the same checkpoint loaded in bfloat16")
-    linker = pipeline(TASK, model=str(hub_folder), trust_remote_code=True, dtype=torch.bfloat16, device="cpu")
-    assert linker.model.dtype == torch.bfloat16 and linker.index.dtype == torch.bfloat16
+    linker = pipeline(TASK, model=str(hub_folder), trust_remote_code=True, dtype=dtype, device="cpu")
+    assert linker.model.dtype == dtype and linker.index.dtype == dtype
     assert linker.device == torch.device("cpu") and linker.index.device == torch.device("cpu")
-    mention = {key: test_mentions[0][key] for key in ("mention", "text", "image")}
-    result = linker(mention, top_k=3)
-    assert len(result) == 3 and isinstance(result[0]["score"], float)
+    mentions = [{key: m[key] for key in ("mention", "text", "image")} for m in test_mentions[:6]]
+    result = linker(mentions, top_k=3)
+    exact = pipeline(TASK, model=str(hub_folder), trust_remote_code=True, device="cpu")(mentions, top_k=3)
+    assert [r[0]["id"] for r in result] == [r[0]["id"] for r in exact]
+    assert [r[0]["score"] for r in result] == pytest.approx([r[0]["score"] for r in exact], abs=0.1)
+    linker.save_pretrained(tmp_path / "saved")
+    again = pipeline(TASK, model=str(tmp_path / "saved"), trust_remote_code=True, dtype=dtype, device="cpu")
+    reloaded = again(mentions, top_k=3)
+    assert [[(e["id"], e["score"]) for e in r] for r in reloaded] == [[(e["id"], e["score"]) for e in r] for r in result]
+    images = [e["image"] for r in reloaded for e in r if e["image"] is not None]
+    assert images and all(image.startswith(str(tmp_path / "saved")) and os.path.isfile(image) for image in images)
+
+
+def test_errors_name_the_input_and_numpy_integers_count(linker, test_mentions, tmp_path):
+    mentions = [{key: m[key] for key in ("mention", "text", "image")} for m in test_mentions[:2]]
+    with pytest.raises(ValueError, match=r"input 1 \(mention '.*'\): unreadable image"):
+        linker([mentions[0], {**mentions[1], "image": str(tmp_path / "absent.jpg")}])
+    assert linker(mentions[0], top_k=np.int64(2), candidates=np.int32(5)) == linker(mentions[0], top_k=2, candidates=5)
+    model, processor = linker.model, linker.processor
+    for index, message in [
+        ({"id": "Q1"}, "index must be an EntityIndex, a folder or Hub repo holding one, or a list of entity dicts"),
+        ([{"id": "Q1", "name": "x"}], "index entity 0: missing field\\(s\\) 'description'"),
+        (["Q1"], "index entity 0: an entity is a dict"),
+        (str(tmp_path / "absent"), "no such folder: .*absent"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, device="cpu")
 
 
 def test_m3el_link_command(hub_folder, linker, test_mentions, capsys):

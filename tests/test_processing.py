@@ -211,6 +211,64 @@ def test_bad_calls_have_clear_errors(processor):
         processor.process_entities(["a", 3], ["x", "y"])
 
 
+def test_every_form_of_base64_and_data_url_gives_the_same_pixels(processor, tmp_path, monkeypatch):
+    """Base64 with line breaks (as the `base64` command writes it) and URL-safe base64; a data URL of any media type
+    (the bytes say what the image is). A data URL that is not base64 is refused, and never read as a path."""
+    import io
+
+    image = random_image(7)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    expected = processor.load_image(data)[0]
+    standard = base64.b64encode(data).decode()
+    assert "+" in standard or "/" in standard  # so that the URL-safe form differs from it
+    forms = [
+        "\n".join(standard[i : i + 76] for i in range(0, len(standard), 76)),
+        base64.urlsafe_b64encode(data).decode(),
+        "data:application/octet-stream;base64," + standard,
+        "data:;base64," + standard,
+    ]
+    for form in forms:
+        pixels, readable = processor.load_image(form)
+        assert readable and torch.equal(pixels, expected), form[:40]
+    image.save(tmp_path / "data:,hosts", format="PNG")  # an image where such a data URL would be read as a path
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for bad, reason in [("data:,hosts", "must be base64-encoded"), ("data:image/png;base64,%%%", "not valid base64"),
+                            ("", "an empty string is not an image"), (b"garbage", "not an image format PIL reads (7 bytes)")]:
+            pixels, readable = processor.load_image(bad)
+            assert not readable and not pixels.any()
+            assert reason in str(caught[-1].message) and "BytesIO" not in str(caught[-1].message)
+
+
+def test_a_batch_needs_a_list_of_images_and_at_least_one_sample(processor):
+    with pytest.raises(ValueError, match="the images must be a list too"):
+        processor.process_mentions(["a", "b"], ["x", "y"], "image.jpg")
+    with pytest.raises(ValueError, match="no samples"):
+        processor(mentions=[], sentences=[])
+    with pytest.raises(ValueError, match="no samples"):
+        processor.process_entities([], [])
+
+
+def test_return_tensors_pt_is_accepted_and_nothing_else(processor):
+    a = processor(mentions="paris", sentences="s", return_tensors="pt")
+    b = processor(mentions="paris", sentences="s")
+    assert all(torch.equal(a[key], b[key]) for key in b)
+    with pytest.raises(ValueError, match="PyTorch tensors only"):
+        processor(mentions="paris", sentences="s", return_tensors="np")
+
+
+def test_a_dtype_given_to_from_pretrained_is_not_kept(tmp_path):
+    """`pipeline(..., dtype=...)` passes the dtype to the processor too; saving must still work."""
+    processor = tiny_processor(words=("paris",), image_size=SIZE)
+    processor.save_pretrained(tmp_path / "a")
+    reloaded = type(processor).from_pretrained(tmp_path / "a", dtype=torch.bfloat16, torch_dtype=torch.float16)
+    reloaded.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "tokenizer_config.json").is_file()
+
+
 def test_save_and_reload_keeps_settings(tmp_path):
     from transformers import AutoProcessor
 
