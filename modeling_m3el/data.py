@@ -5,11 +5,13 @@ Two on-disk layouts load into one in-memory `MELBenchmark`:
 - the layout WikiMEL, RichpediaMEL and WikiDiverse are distributed in ("mimic": the MIMIC paper's release, as the
   M3EL authors used it): `kb_entity.json`, `qid2id.json`, `{WIKIMEL,RichpediaMEL,WikiDiverse,wiki_diverse}_{train,dev,test}.json`,
   images in `kb_image/` and `mention_image/` (or `mention_images/`);
-- JSON Lines for your own KB: `entities.jsonl` and one `{split}.jsonl` per split, image paths relative to the folder.
+- JSON Lines for your own KB: `entities.jsonl` and `train.jsonl`, `dev.jsonl`, `test.jsonl`, image paths relative to
+  the folder.
 
 Images stay paths; `M3ELProcessor` reads them when a batch is built. Nothing is cached or written next to the data.
 """
 
+import difflib
 import json
 import os
 from collections import deque
@@ -37,6 +39,11 @@ MENTION_IMAGE_FOLDERS = ("mention_image", "mention_images")
 NIL_ANSWER = "nil"  # the release's answer for a mention whose entity is not in the KB
 
 JSONL_ENTITY_FILE = "entities.jsonl"
+JSONL_ENTITY_FIELDS = ("id", "name", "description", "images")  # others are counted and named in the summary
+JSONL_MENTION_FIELDS = ("id", "mention", "sentence", "image", "answer")  # `id` (optional) is named in errors
+# Names that are probably meant as a split file (`validation.jsonl` for `dev.jsonl`): said when the split is missing.
+SPLIT_NEAR_MISSES = {"train": ("training",), "dev": ("validation", "valid", "val", "development"),
+                     "test": ("testing",)}
 
 ENTITY_FEATURES = datasets.Features(
     {
@@ -86,6 +93,7 @@ class MELSplitReport:
     without_image: int = 0  # kept mentions with no image: none given, or its file is missing
     missing_images: int = 0  # image given but no such file (counted in without_image too)
     missing_image_examples: list[str] = field(default_factory=list)
+    unknown_fields: dict[str, tuple[int, int]] = field(default_factory=dict)  # JSON Lines: name -> (line, records)
 
 
 @dataclass
@@ -97,7 +105,10 @@ class MELReport:
     missing_entity_images: int = 0  # listed image files that do not exist (dropped from the entity's images)
     missing_entity_image_examples: list[str] = field(default_factory=list)
     entities_without_qid: int = 0  # mimic layout: kb_entity ids absent from qid2id.json (id kept as a string)
+    unknown_entity_fields: dict[str, tuple[int, int]] = field(default_factory=dict)  # JSON Lines: (first line, records)
     splits: dict[str, MELSplitReport] = field(default_factory=dict)
+    missing_splits: dict[str, str] = field(default_factory=dict)  # JSON Lines, splits=None: split -> looked for what
+    ignored_files: list[str] = field(default_factory=list)  # JSON Lines, splits=None: *.jsonl that are no split file
     notes: list[str] = field(default_factory=list)
 
 
@@ -137,12 +148,32 @@ class MELBenchmark:
         if report.entities_without_qid:
             kb += f", {report.entities_without_qid} without a QID in {QID2ID_FILE}"
         lines.append(kb)
+        lines += _unknown_fields(JSONL_ENTITY_FILE, report.unknown_entity_fields, JSONL_ENTITY_FIELDS)
         for split, counts in report.splits.items():
             line = (f"  {split} ({os.path.basename(counts.file)}): {counts.mentions} mentions, "
                     f"{counts.nil_dropped} nil left out, {counts.without_image} without image")
             lines.append(line + _missing(counts.missing_images, counts.missing_image_examples))
+            lines += _unknown_fields(os.path.basename(counts.file), counts.unknown_fields, JSONL_MENTION_FIELDS)
+        lines += [f"  {split}: none, {looked_for}" for split, looked_for in report.missing_splits.items()]
+        if report.ignored_files:
+            lines.append(f"  ignored (no split file: splits are {', '.join(f'{split}.jsonl' for split in SPLITS)}; "
+                         f"splits=[...] loads others): {', '.join(report.ignored_files)}")
         lines += [f"  note: {note}" for note in report.notes]
         return "\n".join(lines)
+
+    def require_splits(self, splits: Sequence[str] = SPLITS) -> None:
+        """
+        Raise a `MELDataError` for the first of `splits` that was not loaded or holds no mentions (what training needs),
+        naming the file looked for and a near miss found instead (`validation.jsonl` for `dev.jsonl`).
+        """
+        for split in splits:
+            if split not in self.splits:
+                looked_for = self.report.missing_splits.get(split, "it was not loaded (see splits=)")
+                raise MELDataError(self.root, f"the {split} split is missing: {looked_for}")
+            if len(self.splits[split]) == 0:
+                counts = self.report.splits[split]
+                nil = f" ({counts.nil_dropped} with a nil answer left out)" if counts.nil_dropped else ""
+                raise MELDataError(counts.file, f"the {split} split holds no mentions{nil}")
 
 
 def _missing(count: int, examples: list[str]) -> str:
@@ -151,14 +182,25 @@ def _missing(count: int, examples: list[str]) -> str:
     return f", {count} missing image files (e.g. {', '.join(examples)})"
 
 
+def _unknown_fields(file: str, fields: dict[str, tuple[int, int]], known: Sequence[str]) -> list[str]:
+    """Summary lines for the fields of a JSON Lines file that are not read, with the known field they resemble."""
+    lines = []
+    for name, (line, records) in fields.items():
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (fields read: {', '.join(known)})"
+        where = f"line {line}" if records == 1 else f"{records} records, the first on line {line}"
+        lines.append(f"  {file}: unknown field {name!r}, not read ({where}){hint}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------- loaders
 
 
 def load_benchmark(root, splits: Sequence[str] | None = None, name: str | None = None) -> MELBenchmark:
     """
     Load a folder in either layout: `entities.jsonl` means JSON Lines (`load_jsonl_benchmark`), `kb_entity.json`
-    the release layout (`load_mimic_benchmark`). `splits=None` loads train, dev and test (JSON Lines: every split
-    file present).
+    the release layout (`load_mimic_benchmark`). `splits=None` loads train, dev and test (JSON Lines: those of
+    `train.jsonl`, `dev.jsonl`, `test.jsonl` present; the others are named in the report).
     """
     if os.path.isfile(os.path.join(root, JSONL_ENTITY_FILE)):
         return load_jsonl_benchmark(root, splits=splits, name=name)
@@ -182,6 +224,8 @@ def load_mimic_benchmark(root, splits: Sequence[str] | None = None, name: str | 
     qid2id = _read_qid2id(os.path.join(root, QID2ID_FILE))
     kb_path = os.path.join(root, KB_ENTITY_FILE)
     records = _read_json(kb_path, list)
+    if not records:
+        raise MELDataError(kb_path, "no entities")
     for index, record in enumerate(records):
         _check_fields(kb_path, index, record, {"id": int, "entity_name": str, "image_list": list})
         if not isinstance(record.get("desc", record.get("attr")), str):  # older releases: attr instead of desc
@@ -229,8 +273,8 @@ def load_mimic_benchmark(root, splits: Sequence[str] | None = None, name: str | 
         mentions = {key: [] for key in MENTION_FEATURES}
         for index, record in enumerate(_read_json(path, list)):
             _check_fields(path, index, record, {"sentence": str, "mentions": str, "imgPath": (str, type(None)),
-                                                "answer": str})
-            if record["answer"] == NIL_ANSWER:
+                                                "answer": (str, type(None))})
+            if record["answer"] is None or record["answer"] == NIL_ANSWER:
                 counts.nil_dropped += 1
                 continue
             if record["answer"] not in qid2id:
@@ -256,13 +300,18 @@ def load_mimic_benchmark(root, splits: Sequence[str] | None = None, name: str | 
 
 def load_jsonl_benchmark(root, splits: Sequence[str] | None = None, name: str | None = None) -> MELBenchmark:
     """
-    Load your own KB and mentions from JSON Lines (one JSON object per line; blank lines are skipped):
+    Load your own KB and mentions from JSON Lines (one JSON object per line, UTF-8; blank lines are skipped):
 
-    - `entities.jsonl`: `{"id": str, "name": str, "description": str, "images": [paths]}` (`images` optional);
-    - `{split}.jsonl`: `{"mention": str, "sentence": str, "image": path or null, "answer": entity id or null}`
-      (`image` optional; `answer` null for a mention whose entity is not in the KB: left out and counted).
+    - `entities.jsonl`: `{"id": str, "name": str, "description": str, "images": [paths]}` (`images` optional; the
+      id `nil` is reserved);
+    - `{split}.jsonl`: `{"mention": str, "sentence": str, "image": path or null, "answer": entity id, "nil" or null}`
+      (`image` optional; `id` optional, named in errors; answer `"nil"` or null for a mention whose entity is not in
+      the KB: left out and counted).
 
-    Relative image paths are relative to the folder. `splits=None` loads every `*.jsonl` besides `entities.jsonl`.
+    Relative image paths are relative to the folder. `splits=None` loads those of `train.jsonl`, `dev.jsonl` and
+    `test.jsonl` present; the absent ones (with a near miss such as `validation.jsonl`) and the other `*.jsonl` files
+    are named in the report, and `splits=[...]` loads any `{split}.jsonl`. Fields not listed above are not read: they
+    are counted and named (first line) in the report, not refused, so records may carry metadata of their own.
     """
     root = os.path.abspath(root)
     report = MELReport()
@@ -273,6 +322,9 @@ def load_jsonl_benchmark(root, splits: Sequence[str] | None = None, name: str | 
     for line, record in _read_jsonl(entity_path):
         _check_fields(entity_path, None, record, {"id": str, "name": str, "description": str}, line=line,
                       optional={"images": list})
+        if record["id"] == NIL_ANSWER:
+            raise MELDataError(entity_path, f"the id {NIL_ANSWER!r} is reserved: an answer {NIL_ANSWER!r} means that "
+                               "the mention's entity is not in the KB", line=line, record_id=record["id"])
         if record["id"] in first_line:
             raise MELDataError(entity_path, f"id {record['id']!r} is also the id on line {first_line[record['id']]}",
                                line=line)
@@ -280,35 +332,42 @@ def load_jsonl_benchmark(root, splits: Sequence[str] | None = None, name: str | 
         images = record.get("images", [])
         if not all(isinstance(image, str) for image in images):
             raise MELDataError(entity_path, "images must be a list of paths", line=line, record_id=record["id"])
+        _count_unknown_fields(record, JSONL_ENTITY_FIELDS, line, report.unknown_entity_fields)
         entities["id"].append(record["id"])
         entities["name"].append(record["name"])
         entities["description"].append(record["description"])
         entities["images"].append(_existing_entity_images(images, root, files, report))
+    if not entities["id"]:
+        raise MELDataError(entity_path, "no entities")
     _count_entities(entities, report)
 
     if splits is None:
-        names = sorted(file[: -len(".jsonl")] for file in os.listdir(root)
-                       if file.endswith(".jsonl") and file != JSONL_ENTITY_FILE)
-        splits = [split for split in SPLITS if split in names] + [split for split in names if split not in SPLITS]
+        others = sorted(file for file in os.listdir(root) if file.endswith(".jsonl") and file != JSONL_ENTITY_FILE
+                        and file[: -len(".jsonl")] not in SPLITS)
+        splits = [split for split in SPLITS if os.path.isfile(os.path.join(root, f"{split}.jsonl"))]
+        report.missing_splits = {split: _looked_for(root, split) for split in SPLITS if split not in splits}
+        report.ignored_files = others
         if not splits:
+            found = f"; found {', '.join(others)}" if others else ""
             raise MELDataError(root, f"no split files: expected {{split}}.jsonl files next to {JSONL_ENTITY_FILE} "
-                               "(train.jsonl, dev.jsonl, test.jsonl)")
+                               f"(train.jsonl, dev.jsonl, test.jsonl){found}")
     loaded = {}
     for split in splits:
         path = os.path.join(root, f"{split}.jsonl")
         if not os.path.isfile(path):
-            raise MELDataError(root, f"split {split!r} is missing: looked for {split}.jsonl")
+            raise MELDataError(root, f"split {split!r} is missing: {_looked_for(root, split)}")
         counts = report.splits[split] = MELSplitReport(file=path)
         mentions = {key: [] for key in MENTION_FEATURES}
         for line, record in _read_jsonl(path):
             _check_fields(path, None, record, {"mention": str, "sentence": str, "answer": (str, type(None))},
                           line=line, optional={"image": (str, type(None))})
-            if record["answer"] is None:
+            _count_unknown_fields(record, JSONL_MENTION_FIELDS, line, counts.unknown_fields)
+            if record["answer"] is None or record["answer"] == NIL_ANSWER:
                 counts.nil_dropped += 1
                 continue
             if record["answer"] not in first_line:
                 raise MELDataError(path, f"answer {record['answer']!r} is not an entity id of {JSONL_ENTITY_FILE}",
-                                   line=line)
+                                   line=line, record_id=_record_id(record))
             image = record.get("image")
             mentions["mention"].append(record["mention"])
             mentions["sentence"].append(record["sentence"])
@@ -317,6 +376,30 @@ def load_jsonl_benchmark(root, splits: Sequence[str] | None = None, name: str | 
         loaded[split] = _finish_split(mentions, counts)
     entity_dataset = datasets.Dataset.from_dict(entities, features=ENTITY_FEATURES)
     return MELBenchmark(name or os.path.basename(root), root, "jsonl", entity_dataset, loaded, report)
+
+
+def _looked_for(root: str, split: str) -> str:
+    """What was looked for in place of a missing JSON Lines split, with the near misses present (`validation.jsonl`)."""
+    expected = f"{split}.jsonl"
+    names = (split, *SPLIT_NEAR_MISSES.get(split, ()))
+    near = sorted(file for file in os.listdir(root) if file != expected and os.path.splitext(file)[0].lower() in names
+                  and os.path.splitext(file)[1].lower() in (".jsonl", ".json"))
+    if not near:
+        return f"looked for {expected}"
+    which = "it" if len(near) == 1 else "one of them"
+    return (f"looked for {expected}; found {' and '.join(near)}: rename {which} to {expected} to use it as the "
+            f"{split} split")
+
+
+def _count_unknown_fields(record: dict, known: Sequence[str], line: int, fields: dict[str, tuple[int, int]]) -> None:
+    for key in record:
+        if key not in known:
+            first, records = fields.get(key, (line, 0))
+            fields[key] = (first, records + 1)
+
+
+def _record_id(record: dict):
+    return record.get("id") if isinstance(record.get("id"), (str, int)) else None
 
 
 # ----------------------------------------------------------------------------------------------- load helpers
@@ -410,6 +493,8 @@ def _read_json(path: str, expected_type: type):
             data = json.load(file)
     except FileNotFoundError:
         raise MELDataError(path, "no such file") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except json.JSONDecodeError as error:
         raise MELDataError(path, f"invalid JSON: {error.msg}", line=error.lineno, column=error.colno) from None
     if not isinstance(data, expected_type):
@@ -434,7 +519,7 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     except FileNotFoundError:
         raise MELDataError(path, "no such file") from None
     with file:
-        for line_number, line in enumerate(file, start=1):
+        for line_number, line in _numbered_lines(file, path):
             if not line.strip():
                 continue
             try:
@@ -446,12 +531,34 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
             yield line_number, record
 
 
+def _numbered_lines(file, path: str) -> Iterator[tuple[int, str]]:
+    try:
+        yield from enumerate(file, start=1)
+    except UnicodeDecodeError:  # the text layer decodes in chunks: its position is no line; find it in the bytes
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: str) -> MELDataError:
+    """The error for a file that is not UTF-8, naming the first line, and the byte offset, that does not decode."""
+    offset = 0
+    with open(path, "rb") as file:
+        for line_number, line in enumerate(file, start=1):  # a UTF-8 sequence never holds the byte of a line break
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return MELDataError(path, f"not UTF-8: byte 0x{line[error.start]:02x} at byte offset "
+                                    f"{offset + error.start} of the file ({error.reason}); save the file as UTF-8",
+                                    line=line_number)
+            offset += len(line)
+    return MELDataError(path, "not UTF-8; save the file as UTF-8")
+
+
 def _check_fields(path: str, index: int | None, record, required: dict, line: int | None = None,
                   optional: dict | None = None) -> None:
     """Every required field present with its type, every optional one of its type when present."""
     if not isinstance(record, dict):
         raise MELDataError(path, f"must be a JSON object, got {type(record).__name__}", record=index, line=line)
-    record_id = record.get("id") if isinstance(record.get("id"), (str, int)) else None
+    record_id = _record_id(record)
     for key, kind in {**required, **(optional or {})}.items():
         if key not in record:
             if key in required:

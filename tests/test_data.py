@@ -246,8 +246,8 @@ def test_no_or_several_datasets_need_a_name(release):
 @pytest.mark.parametrize("where, edit, message", [
     ("mention", lambda records: records[1].pop("imgPath"), r"WIKIMEL_train\.json, record 1 \(id 'm1'\): missing field "
                                                            r"'imgPath'"),
-    ("mention", lambda records: records[2].update(answer=None), r"WIKIMEL_train\.json, record 2 \(id 'm2'\): field "
-                                                                r"'answer' must be a string, got null"),
+    ("mention", lambda records: records[2].update(answer=7), r"WIKIMEL_train\.json, record 2 \(id 'm2'\): field "
+                                                             r"'answer' must be a string or null, got 7"),
     ("entity", lambda records: records[1].pop("desc"), r"kb_entity\.json, record 1 \(id 0\): needs a string field "
                                                        r"'desc' \(or 'attr'\)"),
     ("entity", lambda records: records[2].pop("entity_name"), r"kb_entity\.json, record 2 \(id 1\): missing field "
@@ -265,6 +265,33 @@ def test_record_errors_name_file_record_and_field(tmp_path, where, edit, message
     root = write_release(tmp_path / "bench", entities=entities, mentions=mentions)
     with pytest.raises(MELDataError, match=message):
         load_benchmark(root)
+
+
+def test_release_null_answer_is_nil_left_out_and_counted(tmp_path):
+    mentions = release_mentions()
+    mentions["test"][1]["answer"] = None  # t1, which linked Q10
+    root = write_release(tmp_path / "bench", mentions=mentions)
+    benchmark = load_benchmark(root)
+    assert len(benchmark.splits["test"]) == 0
+    assert benchmark.report.splits["test"].nil_dropped == 2  # t0's "nil" and t1's null
+    assert "test (WIKIMEL_test.json): 0 mentions, 2 nil left out" in benchmark.summary()
+
+
+def test_release_empty_kb(release):
+    write_json(release / "kb_entity.json", [])
+    with pytest.raises(MELDataError, match=rf"^{re.escape(str(release / 'kb_entity.json'))}: no entities$"):
+        load_benchmark(release)
+
+
+@pytest.mark.parametrize("file, offset", [("kb_entity.json", 0), ("qid2id.json", 0), ("WIKIMEL_dev.json", 40)])
+def test_release_file_not_utf8_names_file_line_and_byte(release, file, offset):
+    data = (release / file).read_bytes()
+    line = data[:offset].count(b"\n") + 1
+    (release / file).write_bytes(data[:offset] + b"\xff" + data[offset + 1:])
+    with pytest.raises(MELDataError, match=rf"^{re.escape(str(release / file))}, line {line}: not UTF-8: byte 0xff at "
+                                           rf"byte offset {offset} of the file \(invalid start byte\); save the file "
+                                           r"as UTF-8$"):
+        load_benchmark(release)
 
 
 def test_folder_without_either_layout(tmp_path):
@@ -349,14 +376,118 @@ def test_jsonl_errors_name_file_and_line(tmp_path, file, lines, message):
         load_benchmark(root)
 
 
+def test_jsonl_empty_entities_file(tmp_path):
+    root = write_jsonl(tmp_path / "kb")
+    (root / "entities.jsonl").write_text("\n\n")
+    with pytest.raises(MELDataError, match=rf"^{re.escape(str(root / 'entities.jsonl'))}: no entities$"):
+        load_benchmark(root)
+
+
+def test_jsonl_nil_id_is_reserved(tmp_path):
+    root = write_jsonl(tmp_path / "kb", entities=[{"id": "nil", "name": "Nil", "description": "x"}])
+    with pytest.raises(MELDataError, match=r"entities\.jsonl, line 1 \(id 'nil'\): the id 'nil' is reserved: an answer "
+                                           r"'nil' means that the mention's entity is not in the KB"):
+        load_benchmark(root)
+
+
+def test_jsonl_nil_string_and_null_answers_are_left_out_and_counted(tmp_path):
+    root = write_jsonl(tmp_path / "kb")
+    write_lines(root / "test.jsonl", [
+        {"mention": "Paris", "sentence": "Paris", "answer": "nil"},
+        {"mention": "Paris", "sentence": "in Paris", "answer": None},
+        {"mention": "Paris", "sentence": "Paris, France", "answer": "paris"},
+    ])
+    benchmark = load_benchmark(root, splits=["test"])
+    assert benchmark.splits["test"].to_dict() == {
+        "mention": ["Paris"], "sentence": ["Paris, France"], "image": [None], "answer": ["paris"],
+    }
+    counts = benchmark.report.splits["test"]
+    assert (counts.mentions, counts.nil_dropped) == (1, 2)
+    assert "test (test.jsonl): 1 mentions, 2 nil left out" in benchmark.summary()
+
+
+@pytest.mark.parametrize("file", ["train.jsonl", "entities.jsonl"])
+def test_jsonl_file_not_utf8_names_file_line_and_byte(tmp_path, file):
+    root = write_jsonl(tmp_path / "kb")
+    size = len((root / file).read_bytes())
+    lines = len((root / file).read_bytes().splitlines())
+    with open(root / file, "ab") as handle:
+        handle.write(b'{"mention": "\xff", "sentence": "s", "answer": "paris"}\n')
+    offset = size + len(b'{"mention": "')
+    with pytest.raises(MELDataError, match=rf"^{re.escape(str(root / file))}, line {lines + 1}: not UTF-8: byte 0xff "
+                                           rf"at byte offset {offset} of the file \(invalid start byte\)"):
+        load_benchmark(root)
+
+
+def test_jsonl_splits_are_train_dev_test_and_other_files_are_reported(tmp_path):
+    root = write_jsonl(tmp_path / "kb")
+    write_lines(root / "predictions.jsonl", [{"id": "m0", "top": ["paris"]}])  # a user's file, not a split
+    write_lines(root / "validation.jsonl", [{"mention": "Paris", "sentence": "Paris", "answer": "paris"}])
+    benchmark = load_benchmark(root)
+    assert list(benchmark.splits) == ["train", "test"]
+    assert benchmark.report.ignored_files == ["predictions.jsonl", "validation.jsonl"]
+    dev = "looked for dev.jsonl; found validation.jsonl: rename it to dev.jsonl to use it as the dev split"
+    assert benchmark.report.missing_splits == {"dev": dev}
+    summary = benchmark.summary().splitlines()
+    assert f"  dev: none, {dev}" in summary
+    assert ("  ignored (no split file: splits are train.jsonl, dev.jsonl, test.jsonl; splits=[...] loads others): "
+            "predictions.jsonl, validation.jsonl") in summary
+    # Named explicitly, any {split}.jsonl loads.
+    validation = load_benchmark(root, splits=["validation"])
+    assert list(validation.splits) == ["validation"] and validation.splits["validation"]["answer"] == ["paris"]
+    # What training needs: the file expected, and the near miss.
+    with pytest.raises(MELDataError, match=rf"^{re.escape(str(root))}: the dev split is missing: {re.escape(dev)}$"):
+        benchmark.require_splits()
+    benchmark.require_splits(["train", "test"])
+
+
+def test_jsonl_empty_split_is_refused_by_require_splits(tmp_path):
+    root = write_jsonl(tmp_path / "kb")
+    (root / "dev.jsonl").write_text("")
+    benchmark = load_benchmark(root)
+    assert len(benchmark.splits["dev"]) == 0 and benchmark.report.missing_splits == {}
+    with pytest.raises(MELDataError, match=rf"^{re.escape(str(root / 'dev.jsonl'))}: the dev split holds no mentions$"):
+        benchmark.require_splits()
+    write_lines(root / "dev.jsonl", [{"mention": "Paris", "sentence": "Paris", "answer": None}])
+    with pytest.raises(MELDataError, match=r"dev\.jsonl: the dev split holds no mentions \(1 with a nil answer left "
+                                           r"out\)$"):
+        load_benchmark(root).require_splits()
+
+
+def test_jsonl_unknown_fields_are_counted_and_named_not_refused(tmp_path):
+    root = write_jsonl(tmp_path / "kb", entities=[
+        {"id": "eiffel", "name": "Eiffel Tower", "description": "a tower", "imgs": ["images/tower.jpg"]},
+        {"id": "paris", "name": "Paris", "description": "a city", "source": "wikidata"},
+        {"id": "hilton", "name": "Paris Hilton", "description": "a person", "imgs": [], "source": "wikidata"},
+    ], train=[
+        {"id": "m0", "mention": "tower", "sentence": "the tower", "img": "images/post.png", "answer": "eiffel"},
+        {"id": "m1", "mention": "Paris", "sentence": "in Paris", "answer": "paris"},
+    ])
+    benchmark = load_benchmark(root)
+    assert benchmark.entities["images"] == [[], [], []]  # not read: counted, as the summary says why
+    assert benchmark.report.unknown_entity_fields == {"imgs": (1, 2), "source": (2, 2)}
+    assert benchmark.report.splits["train"].unknown_fields == {"img": (1, 1)}
+    assert benchmark.report.splits["test"].unknown_fields == {}
+    summary = benchmark.summary().splitlines()
+    assert ("  entities.jsonl: unknown field 'imgs', not read (2 records, the first on line 1); did you mean "
+            "'images'?") in summary
+    assert ("  entities.jsonl: unknown field 'source', not read (2 records, the first on line 2) (fields read: id, "
+            "name, description, images)") in summary
+    assert "  train.jsonl: unknown field 'img', not read (line 1); did you mean 'image'?" in summary
+
+
 def test_jsonl_missing_split(tmp_path):
     root = write_jsonl(tmp_path / "kb")
     with pytest.raises(MELDataError, match=rf"{re.escape(str(root))}: split 'dev' is missing: looked for dev\.jsonl"):
         load_benchmark(root, splits=["train", "dev"])
     os.remove(root / "train.jsonl")
-    os.remove(root / "test.jsonl")
-    with pytest.raises(MELDataError, match=r"no split files"):
+    os.rename(root / "test.jsonl", root / "testing.jsonl")
+    with pytest.raises(MELDataError, match=r"no split files: expected \{split\}\.jsonl files next to entities\.jsonl "
+                                           r"\(train\.jsonl, dev\.jsonl, test\.jsonl\); found testing\.jsonl$"):
         load_benchmark(root)
+    with pytest.raises(MELDataError, match=r"split 'test' is missing: looked for test\.jsonl; found testing\.jsonl: "
+                                           r"rename it to test\.jsonl to use it as the test split$"):
+        load_benchmark(root, splits=["test"])
 
 
 # --------------------------------------------------------------------------------------------------- batches
