@@ -6,6 +6,7 @@ WikiDiverse; any config field can be overridden on the command line (`--learning
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,6 +14,7 @@ import math
 import os
 import shutil
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -82,6 +84,7 @@ class TrainingConfig:
     checkpointing_steps: int | None = None  # also checkpoint every N optimiser steps, not only every epoch
     checkpoints_total_limit: int = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest"
+    overwrite_output_dir: bool = False  # start over in an output_dir holding an earlier run's checkpoints (deleted)
     report_to: str | None = None  # an Accelerate tracker ("tensorboard", "wandb", ...); a JSON Lines log always
 
 
@@ -89,7 +92,9 @@ def parse_args(argv=None) -> TrainingConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML file of TrainingConfig fields")
     for spec in dataclasses.fields(TrainingConfig):
-        base = next((a for a in typing.get_args(spec.type) if a is not type(None)), spec.type)
+        base = spec.type
+        if typing.get_origin(base) in (typing.Union, types.UnionType):  # `X | None`: X
+            base = next(a for a in typing.get_args(base) if a is not type(None))
         if typing.get_origin(base) is list:
             parser.add_argument(f"--{spec.name}", nargs="+", default=argparse.SUPPRESS)
         else:
@@ -105,6 +110,8 @@ def parse_args(argv=None) -> TrainingConfig:
         if unknown:
             parser.error(f"{config_path}: unknown fields {', '.join(sorted(unknown))}")
     values.update(args)
+    # Set on purpose: on the command line, or in a config file given with --config (not the demo's defaults).
+    chosen = set(args) | (set(values) if config_path and config_path != DEFAULT_CONFIG else set())
     config = TrainingConfig(**values)
     # Sanity checks.
     if config.cross_modal not in ("text_to_image", "bidirectional"):
@@ -119,7 +126,35 @@ def parse_args(argv=None) -> TrainingConfig:
         parser.error(f"--dataset_dir {config.dataset_dir} is not a folder")
     if config.clip is not None and config.init_from is not None:
         parser.error("give --clip (start from CLIP) or --init_from (fine-tune an M3EL folder), not both")
+    if config.init_from is not None:
+        _take_architecture(config, chosen, parser)
     return config
+
+
+ARCHITECTURE_FIELDS = (
+    "cross_modal", "matching_dim", "use_text_matching", "use_image_matching", "use_cross_modal_matching", "use_icl",
+)
+
+
+def _take_architecture(config: TrainingConfig, chosen: set, parser) -> None:
+    """
+    With --init_from, the model is the folder's: its architecture fields replace the config's (so that the run's
+    training_config.json and model card say what was trained), and one set on purpose to another value is an error
+    rather than silently ignored.
+    """
+    from modeling_m3el import M3ELConfig
+
+    try:
+        saved = M3ELConfig.from_pretrained(config.init_from)
+    except OSError as error:
+        parser.error(f"--init_from {config.init_from}: not an M3EL folder or Hub repo ({error})")
+    conflicts = [f"--{name} {getattr(config, name)} (the folder's model: {getattr(saved, name)})"
+                 for name in ARCHITECTURE_FIELDS if name in chosen and getattr(config, name) != getattr(saved, name)]
+    if conflicts:
+        parser.error(f"--init_from {config.init_from} fine-tunes that model as it is built, so it conflicts with "
+                     f"{'; '.join(conflicts)}: drop these options, or start from CLIP (--clip) to build another")
+    for name in ARCHITECTURE_FIELDS:
+        setattr(config, name, getattr(saved, name))
 
 
 def _parse_bool(text: str) -> bool:
@@ -260,6 +295,7 @@ class TrainingState:
     epoch: int = 0  # the epoch in progress
     step_in_epoch: int = 0  # batches of `epoch` already done
     global_step: int = 0
+    global_batch: int = 0  # mentions per optimiser step's batch, over every process (checked on resume)
     best_mrr: float = -1.0
     best_epoch: int = -1
     evaluations_without_improvement: int = 0
@@ -298,6 +334,79 @@ def save_checkpoint(accelerator, config: TrainingConfig, state: TrainingState) -
         for old in checkpoint_dirs(config.output_dir)[: -config.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+# What a resumed run may change: how long it runs, how and how often it evaluates, checkpoints and reports. Anything
+# else (data, model, batches, optimiser) would make the resumed run another run than the one checkpointed.
+RESUMABLE_CHANGES = {
+    "num_epochs", "max_train_steps", "eval_every_epochs", "early_stopping_patience", "eval_batch_size",
+    "entity_batch_size", "num_workers", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "report_to", "output_dir", "activation_checkpointing", "overwrite_output_dir",
+}
+PATH_FIELDS = {"dataset_dir", "demo_dir"}  # compared as absolute paths
+
+
+def start_output_dir(accelerator, config: TrainingConfig) -> None:
+    """
+    A new run (not resumed) must not mix with an earlier one in the same output_dir: its checkpoints would be resumed
+    by `latest` and rotated against this run's, its log rows drawn in this run's plots. So an earlier run's
+    checkpoints are an error, unless `overwrite_output_dir` deletes them; a log without checkpoints (a run stopped
+    before its first) is started afresh.
+    """
+    if config.resume_from_checkpoint:
+        return
+    earlier = checkpoint_dirs(config.output_dir)
+    if earlier and not config.overwrite_output_dir:
+        raise ValueError(
+            f"{config.output_dir} holds the checkpoints of an earlier run ({', '.join(map(os.path.basename, earlier))})"
+            ": resume it with --resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
+            "them and its log), or choose another --output_dir"
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one deletes
+    if accelerator.is_main_process:
+        shutil.rmtree(os.path.join(config.output_dir, "checkpoints"), ignore_errors=True)
+        for name in ("log.jsonl", "test_results.json"):
+            if os.path.exists(os.path.join(config.output_dir, name)):
+                os.remove(os.path.join(config.output_dir, name))
+    accelerator.wait_for_everyone()
+
+
+def trim_log(output_dir: str, global_step: int) -> None:
+    """Keep the log's rows up to the resumed checkpoint's step (their work is in it), and no test rows."""
+    path = os.path.join(output_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [row for row in rows if row["step"] <= global_step and not any(key.startswith("test/") for key in row)]
+    if len(kept) != len(rows):
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(f"{path}.tmp", path)
+        logger.info("log.jsonl: %d rows after the checkpoint's step %d dropped (their work is redone)",
+                    len(rows) - len(kept), global_step)
+
+
+def check_resumable(path: str, config: TrainingConfig, global_batch: int) -> None:
+    """Refuse to resume a checkpoint with settings other than those it was trained with (its training_config.json)."""
+    try:
+        with open(os.path.join(path, "training_config.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: its training_config.json cannot be read ({error}): not a checkpoint of this "
+                         "script, or an interrupted save") from None
+    current = dataclasses.asdict(config)
+
+    def same(name):
+        if name in PATH_FIELDS and saved[name] is not None and current[name] is not None:
+            return os.path.abspath(saved[name]) == os.path.abspath(current[name])
+        return saved[name] == current[name]
+
+    changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
+               if name in saved and name not in RESUMABLE_CHANGES and not same(name)]
+    if changed:
+        raise ValueError(f"{path} was trained with other settings than this run's: {'; '.join(changed)}. Resume with "
+                         "the checkpoint's settings, or start a new run (another --output_dir)")
 
 
 def save_model_folder(model: M3ELModel, processor, folder: str, extra_files: dict | None = None) -> None:
@@ -364,6 +473,7 @@ def main(argv=None):
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(config.seed)
     os.makedirs(config.output_dir, exist_ok=True)
+    start_output_dir(accelerator, config)
 
     # 2. Data: the demo is generated once (main process first), then every process loads the same folder.
     with accelerator.main_process_first():
@@ -376,9 +486,7 @@ def main(argv=None):
         if os.path.isfile(os.path.join(dataset_dir, DEMO_MANIFEST)):
             benchmark.name = DEMO_DATASET  # written with WikiMEL's file names, so that the same loader reads it
     logger.info(benchmark.summary())
-    for split in ("train", "dev", "test"):
-        if split not in benchmark.splits or len(benchmark.splits[split]) == 0:
-            raise ValueError(f"{dataset_dir}: the {split} split is missing or empty")
+    benchmark.require_splits(("train", "dev", "test"))  # the file a missing split was looked for in, and why
 
     # 3. Model, processor, optimizer.
     model, processor = build_model_and_processor(config)
@@ -402,6 +510,12 @@ def main(argv=None):
     if len(train) < global_batch:
         raise ValueError(f"{len(train)} training mentions cannot fill one batch of {global_batch}")
     batch_sampler = UniqueGoldBatchSampler(train["answer"], global_batch, seed=config.seed, drop_last=True)
+    if len(batch_sampler) == 0:
+        raise ValueError(
+            f"no batch of {global_batch} training mentions with {global_batch} different gold entities can be formed: "
+            f"the {len(train)} training mentions have {len(set(train['answer']))} different gold entities (a batch never "
+            "holds two mentions of one entity, the others being its negatives); lower --per_device_batch_size"
+        )
     share = ProcessShare(batch_sampler, accelerator.process_index, world, per_device)
     collator = TrainingCollator(processor, train, benchmark.entities, benchmark.entity_index, config.seed)
     loader = torch.utils.data.DataLoader(
@@ -409,7 +523,7 @@ def main(argv=None):
     )
     steps_per_epoch = math.ceil(len(batch_sampler) / config.gradient_accumulation_steps)
 
-    state = TrainingState()
+    state = TrainingState(global_batch=global_batch)
     accelerator.register_for_checkpointing(state)
     if config.report_to:
         accelerator.init_trackers("m3el", config=dataclasses.asdict(config))
@@ -421,16 +535,29 @@ def main(argv=None):
             found = checkpoint_dirs(config.output_dir)
             path = found[-1] if found else None
         if path is None:
-            logger.info("No checkpoint in %s: starting from scratch", config.output_dir)
+            logger.warning("No checkpoint in %s to resume: starting from scratch", config.output_dir)
         else:
+            check_resumable(path, config, global_batch)
             accelerator.load_state(path)
+            if state.global_batch != global_batch:  # (the number of processes times the batch per device)
+                raise ValueError(f"{path} was trained with batches of {state.global_batch} mentions over all processes, "
+                                 f"this run's are {global_batch}: resume on as many processes as it was trained on")
+            if accelerator.is_main_process:  # the log's rows of the work lost since the checkpoint
+                trim_log(config.output_dir, state.global_step)
             logger.info("Resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.step_in_epoch,
                         state.global_step)
 
     # 6. Banner.
+    left_out = batch_sampler.left_out
+    if left_out > 0.05 * len(train):
+        logger.warning(
+            "%d of the %d training mentions (%.0f%%) are left out of each epoch (others each time): a batch never "
+            "holds two mentions of one gold entity, and at an epoch's end too few different gold entities remain to "
+            "fill one; a smaller batch leaves fewer out", left_out, len(train), 100 * left_out / len(train))
     effective = per_device * world * config.gradient_accumulation_steps
     logger.info("***** Training M3EL *****")
-    logger.info("  dataset: %s, %d train mentions, %d entities", benchmark.name, len(train), len(benchmark.entities))
+    logger.info("  dataset: %s, %d train mentions (%d in each epoch's batches), %d entities", benchmark.name, len(train),
+                len(train) - left_out, len(benchmark.entities))
     logger.info("  processes: %d, batch per device: %d, accumulation: %d -> effective batch %d (in-batch negatives "
                 "per mention: %d)", world, per_device, config.gradient_accumulation_steps, effective, global_batch - 1)
     logger.info("  epochs: %d, optimiser steps per epoch: %d, mixed precision: %s, LoRA: %s, activation "
@@ -450,17 +577,22 @@ def main(argv=None):
         batch_sampler.set_epoch(state.epoch)
         collator.epoch = state.epoch
         share.skip = state.step_in_epoch
+        batches_in_epoch = len(batch_sampler)
         running, count, started = 0.0, 0, time.time()
         for batch in loader:
             batch = batch.to(accelerator.device)
-            with accelerator.accumulate(model):
+            state.step_in_epoch += 1
+            # An optimiser step every `gradient_accumulation_steps` batches and after the epoch's last one: no gradient
+            # is carried into the next epoch, nor left out of the checkpoint taken at the epoch's end.
+            step_now = (state.step_in_epoch % config.gradient_accumulation_steps == 0
+                        or state.step_in_epoch == batches_in_epoch)
+            with contextlib.nullcontext() if step_now else accelerator.no_sync(model):
                 output = model(**batch, return_loss=True, gather_negatives=True)
-                accelerator.backward(output.loss)
+                accelerator.backward(output.loss)  # (divided by gradient_accumulation_steps)
+            running, count = running + output.loss.detach().float().item(), count + 1
+            if step_now:
                 optimizer.step()
                 optimizer.zero_grad()
-            state.step_in_epoch += 1
-            running, count = running + output.loss.detach().float().item(), count + 1
-            if accelerator.sync_gradients:
                 state.global_step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{running / count:.4f}")
@@ -471,9 +603,11 @@ def main(argv=None):
                     break
         epoch_loss = accelerator.reduce(torch.tensor(running / max(count, 1), device=accelerator.device), "mean")
         log_metrics(accelerator, config, {"train/loss": epoch_loss.item(), "train/epoch": state.epoch,
-                                          "train/seconds": time.time() - started}, state.global_step)
+                                          "train/seconds": time.time() - started,
+                                          "train/mentions_left_out": batch_sampler.left_out}, state.global_step)
         finished_epoch = state.epoch
-        state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if state.step_in_epoch >= batches_in_epoch:  # (max_train_steps can stop it part way: resumed from there)
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if (finished_epoch + 1) % config.eval_every_epochs == 0 or state.epoch == config.num_epochs or stop:
             metrics = evaluate_split(accelerator, unwrapped, processor, benchmark, "dev", config)
             log_metrics(accelerator, config, {f"val/{k}": v for k, v in metrics.items()}, state.global_step)

@@ -635,7 +635,10 @@ class UniqueGoldBatchSampler(torch.utils.data.Sampler):
     """
     Batches of mention indices in which no gold entity appears twice: with in-batch negatives, a second mention of
     the same entity would make that entity a negative of its own mention (a false negative). Shuffled each epoch
-    (`set_epoch`), deterministic given `seed` and the epoch, every mention exactly once per epoch.
+    (`set_epoch`), deterministic given `seed` and the epoch, every mention at most once per epoch: exactly once
+    without `drop_last`; with it, the mentions of the short batches at the epoch's end are left out (`left_out` counts
+    them; other mentions each epoch). Many mentions of one entity need as many batches: the more the answers are
+    concentrated on few entities, the more are left out.
 
     Args:
         answers (`Sequence[Hashable]`): the gold entity id of each mention (e.g. `benchmark.splits["train"]["answer"]`).
@@ -663,6 +666,11 @@ class UniqueGoldBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+    @property
+    def left_out(self) -> int:
+        """Mentions in none of this epoch's batches (those of the short batches dropped with `drop_last`)."""
+        return len(self.answers) - sum(len(batch) for batch in self._batches())
 
     def _batches(self) -> list[list[int]]:
         if self._plan is not None and self._plan[0] == self.epoch:

@@ -182,3 +182,96 @@ def test_activation_checkpointing_recomputes_clip_layers_under_lora():
     assert all(kept[n].abs().max() > 0 for n in kept if "lora_A" in n)
     for name, grad in kept.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-6, atol=0, msg=name)
+
+
+def launch_refused(args) -> str:
+    """Run the script (one process) expecting it to refuse: returns its stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def _train_rows(out: Path) -> list[dict]:
+    return [row for row in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "train/loss" in row]
+
+
+def test_accumulation_ends_with_the_epoch_and_a_stopped_run_resumes_mid_epoch(demo, tmp_path):
+    """12 batches an epoch, 5 accumulated: optimiser steps after batches 5, 10 and 12 (none carried into the next
+    epoch). A run stopped by max_train_steps inside an epoch resumes there, to the uninterrupted run's weights; a new
+    run over its checkpoints, or a resume with another learning rate or batch, is refused."""
+    args = ["--dataset_dir", demo, "--num_epochs", "2", "--eval_every_epochs", "2", "--gradient_accumulation_steps",
+            "5", *SMALL]
+    straight = tmp_path / "straight"
+    launch([*args, "--output_dir", str(straight)])
+    rows = _train_rows(straight)
+    assert [row["step"] for row in rows] == [3, 6] and [row["train/epoch"] for row in rows] == [0, 1]
+    assert all(row["train/mentions_left_out"] == 198 - 16 * 12 for row in rows)  # 198: two nil answers left out
+
+    stopped = tmp_path / "stopped"
+    launch([*args, "--output_dir", str(stopped), "--max_train_steps", "2"])  # 10 of epoch 0's 12 batches
+    assert "holds the checkpoints of an earlier run (step_00000002)" in launch_refused(
+        [*args, "--output_dir", str(stopped)])
+    resume = [*args, "--output_dir", str(stopped), "--resume_from_checkpoint", "latest"]
+    assert "learning_rate 0.001 -> 0.5" in launch_refused([*resume, "--learning_rate", "0.5"])
+    assert "per_device_batch_size 16 -> 8" in launch_refused([*resume, "--per_device_batch_size", "8"])
+    launch(resume)
+    assert [row["step"] for row in _train_rows(stopped)] == [2, 3, 6]  # epoch 0's first 10 batches, its last 2, epoch 1
+    assert not [row for row in map(json.loads, (stopped / "log.jsonl").read_text().splitlines())
+                if row["step"] == 2 and any(key.startswith("test/") for key in row)]  # the stopped run's test: dropped
+    expected, resumed = _checkpoint_weights(straight, 6), _checkpoint_weights(stopped, 6)
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(resumed[name], tensor), name
+    # Starting over is possible, on purpose.
+    launch([*args, "--output_dir", str(stopped), "--max_train_steps", "1", "--overwrite_output_dir", "true"])
+    assert [path.name for path in (stopped / "checkpoints").iterdir()] == ["step_00000001"]
+
+
+def test_a_batch_the_training_golds_cannot_fill_is_refused(demo, tmp_path):
+    from modeling_m3el.data import load_benchmark
+
+    train = load_benchmark(demo).splits["train"]
+    golds = len(set(train["answer"]))
+    assert golds < 190 <= len(train)  # enough mentions for a batch of 190, not enough different golds
+    error = launch_refused(["--dataset_dir", demo, "--output_dir", str(tmp_path / "run"), "--per_device_batch_size",
+                            "190", "--num_epochs", "1"])
+    assert f"the {len(train)} training mentions have {golds} different gold entities" in error
+
+
+def test_list_options_and_init_from_on_the_command_line(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from train_accelerate import parse_args
+    finally:
+        del sys.path[0]
+    assert parse_args(["--lora_target_modules", "q_proj", "v_proj"]).lora_target_modules == ["q_proj", "v_proj"]
+    assert parse_args(["--lora_target_modules", "q_proj"]).lora_target_modules == ["q_proj"]
+    from modeling_m3el import M3ELModel
+    from modeling_m3el.demo import demo_processor
+    from modeling_m3el.tiny import tiny_config
+
+    M3ELModel(tiny_config(demo_processor(), matching_dim=24, cross_modal="bidirectional", use_icl=False)).save_pretrained(
+        tmp_path / "model")
+    # The folder's architecture is the run's (and so its training_config.json's), whatever the config file says.
+    config = parse_args(["--init_from", str(tmp_path / "model"), "--learning_rate", "2e-5"])
+    assert (config.cross_modal, config.use_icl, config.matching_dim) == ("bidirectional", False, 24)
+    with pytest.raises(SystemExit):
+        parse_args(["--init_from", str(tmp_path / "model"), "--cross_modal", "text_to_image", "--matching_dim", "24"])
+    error = capsys.readouterr().err
+    assert "conflicts with --cross_modal text_to_image (the folder's model: bidirectional)" in error
+    assert "matching_dim" not in error.split("conflicts with")[1]  # the same value is no conflict
+
+
+def test_the_sampler_counts_the_mentions_it_leaves_out():
+    from modeling_m3el.data import UniqueGoldBatchSampler
+
+    answers = ["a"] * 5 + ["b", "c", "d"]  # five mentions of "a" need five batches: at most 3 full pairs
+    for seed in range(5):
+        sampler = UniqueGoldBatchSampler(answers, 2, seed=seed, drop_last=True)
+        batches = list(sampler)
+        assert all(len({answers[i] for i in batch}) == 2 for batch in batches)
+        assert sampler.left_out == 8 - 2 * len(batches) >= 2
+        assert sorted(i for batch in batches for i in batch) == sorted(set(i for batch in batches for i in batch))
+        whole = UniqueGoldBatchSampler(answers, 2, seed=seed)
+        assert whole.left_out == 0 and sorted(i for batch in whole for i in batch) == list(range(8))
