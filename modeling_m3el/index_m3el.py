@@ -4,10 +4,14 @@ import hashlib
 import json
 import numbers
 import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .kernels_m3el import FusedKernelError, entities_per_step, fused_g2l_wanted, record_failure
@@ -17,6 +21,10 @@ from .modeling_m3el import M3ELFeatures, M3ELModel
 INDEX_WEIGHTS = "entity_index.safetensors"
 INDEX_META = "entity_index.json"
 INDEX_FORMAT = 1
+# The prefix of the temporary folder `EntityIndex.save` writes into before renaming; one left by a killed save is
+# removed by a later save into the same folder once nothing in it has changed for `STALE_SAVE_SECONDS`.
+_SAVE_PREFIX = ".entity_index."
+STALE_SAVE_SECONDS = 3600
 # Config fields that say nothing about the scores, left out of the fingerprint.
 _FINGERPRINT_SKIP = {
     "transformers_version", "_name_or_path", "architectures", "auto_map", "custom_pipelines", "dtype", "torch_dtype",
@@ -206,8 +214,9 @@ class EntityIndex:
 
     def __init__(
         self, tensors: dict[str, torch.Tensor], entity_ids: Sequence[str], fingerprint: str,
-        float16_fingerprint: str | None = None,
+        float16_fingerprint: str | None = None, save_id: str | None = None,
     ):
+        entity_ids = [str(entity_id) for entity_id in entity_ids]  # ids are strings, however given (ints, numpy ints)
         if len(entity_ids) == 0:
             raise ValueError("an EntityIndex needs at least one entity")
         if len(set(entity_ids)) != len(entity_ids):
@@ -221,9 +230,12 @@ class EntityIndex:
             if tensor.shape[0] != len(entity_ids):
                 raise ValueError(f"index tensor {name} has {tensor.shape[0]} rows for {len(entity_ids)} entities")
         self.tensors = tensors
-        self.entity_ids = list(entity_ids)
+        self.entity_ids = entity_ids
         self.fingerprint = fingerprint  # `model_fingerprint(model)`: weights rounded to bfloat16
         self.float16_fingerprint = float16_fingerprint  # the same, rounded to float16 (None: an index saved without)
+        # The identifier `save` stamps both files with (and `load` reads back): which saved index this is. None for an
+        # index not saved or loaded yet (or derived by `select` or `concat`), or loaded from a folder saved without.
+        self.save_id = save_id
         self._position = {entity_id: i for i, entity_id in enumerate(self.entity_ids)}
 
     def __len__(self) -> int:
@@ -246,15 +258,17 @@ class EntityIndex:
 
     def to(self, device=None, dtype=None) -> "EntityIndex":
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        return EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint)
+        return EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint, self.save_id)
 
     def positions(self, entity_ids: Iterable[str]) -> torch.Tensor:
-        """Row of each entity id; an unknown id raises a KeyError naming it."""
+        """Row of each entity id (ids are strings: an int is looked up as `str(id)`); an unknown id raises a KeyError
+        naming it."""
         rows = []
         for entity_id in entity_ids:
-            if entity_id not in self._position:
-                raise KeyError(f"entity id {entity_id!r} is not in the index")
-            rows.append(self._position[entity_id])
+            key = str(entity_id)
+            if key not in self._position:
+                raise KeyError(f"entity id {key!r} is not in the index")
+            rows.append(self._position[key])
         return torch.tensor(rows, dtype=torch.long)
 
     def select(self, entity_ids: Iterable[str]) -> "EntityIndex":
@@ -323,7 +337,7 @@ class EntityIndex:
         rows = _Rows(num_entities, dtype, device)
         for start in range(0, num_entities, step):
             rows.add(model, M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()}))
-        return cls(rows.result(), entity_ids, **fingerprint.result())
+        return cls(rows.result(), [str(e) for e in entity_ids], **fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -424,24 +438,34 @@ class EntityIndex:
     # --------------------------------------------------------------------------------------------- save/load
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Write `entity_index.safetensors` and `entity_index.json` into `folder`, atomically (temp, then rename)."""
+        """
+        Write `entity_index.safetensors` and `entity_index.json` into `folder`, atomically (temp, then rename). Both are
+        stamped with a new identifier, `save_id` (set on this index too), which `load` compares: a crash between the
+        two renames leaves a pair that is refused, never new weights read with old ids. A temporary folder left by a
+        save that was killed is removed once untouched for `STALE_SAVE_SECONDS`.
+        """
         os.makedirs(folder, exist_ok=True)
+        _remove_stale_saves(folder)
+        save_id = uuid.uuid4().hex
         meta = {
             "format": INDEX_FORMAT,
             "fingerprint": self.fingerprint,
             "float16_fingerprint": self.float16_fingerprint,
+            "save_id": save_id,
             "num_entities": len(self),
             "dtype": str(self.dtype).replace("torch.", ""),
             "entity_ids": self.entity_ids,
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".entity_index.") as tmp:
-            save_file(tensors, os.path.join(tmp, INDEX_WEIGHTS), metadata={"fingerprint": self.fingerprint})
+        with tempfile.TemporaryDirectory(dir=folder, prefix=_SAVE_PREFIX) as tmp:
+            save_file(tensors, os.path.join(tmp, INDEX_WEIGHTS),
+                      metadata={"fingerprint": self.fingerprint, "save_id": save_id})
             with open(os.path.join(tmp, INDEX_META), "w", encoding="utf-8") as f:
                 json.dump(meta, f)
-            # Weights first, metadata last: a crash between the two leaves a fingerprint mismatch, never a silent mix.
+            # Weights first, metadata last: a crash between the two leaves a save_id mismatch, never a silent mix.
             os.replace(os.path.join(tmp, INDEX_WEIGHTS), os.path.join(folder, INDEX_WEIGHTS))
             os.replace(os.path.join(tmp, INDEX_META), os.path.join(folder, INDEX_META))
+        self.save_id = save_id
 
     @classmethod
     def load(
@@ -450,7 +474,10 @@ class EntityIndex:
         """
         Load an index saved with `save`, onto `device` (default: the model's, as `build` makes it; without a model, the
         CPU) in `dtype` (default: as saved). With `model`, refuse (StaleIndexError) an index built with another model.
+        A missing folder or file raises FileNotFoundError; files of two different saves, or a damaged file, ValueError.
         """
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"no entity index at {folder}: no such folder")
         meta_path, weights_path = os.path.join(folder, INDEX_META), os.path.join(folder, INDEX_WEIGHTS)
         for path in (meta_path, weights_path):
             if not os.path.exists(path):
@@ -458,15 +485,21 @@ class EntityIndex:
         with open(meta_path, encoding="utf-8") as f:
             try:
                 meta = json.load(f)
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise ValueError(f"{meta_path}: not valid JSON ({error})") from None
-        if meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{meta_path}: index format {meta.get('format')!r}, this code reads {INDEX_FORMAT}")
-        from safetensors import safe_open
-
-        with safe_open(weights_path, framework="pt") as f:
-            weights_fingerprint = (f.metadata() or {}).get("fingerprint")
-        if weights_fingerprint != meta["fingerprint"]:
+        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{meta_path}: index format {found!r}, this code reads {INDEX_FORMAT}")
+        for key in ("fingerprint", "entity_ids"):
+            if key not in meta:
+                raise ValueError(f"{meta_path}: no {key!r}; not an entity index this code wrote")
+        try:
+            with safe_open(weights_path, framework="pt") as f:
+                stamp = f.metadata() or {}
+        except SafetensorError as error:  # a truncated or damaged file
+            raise ValueError(f"{weights_path}: cannot be read ({_one_line(error)}); rebuild the index") from None
+        # The save's identifier where both files have one (a pair of files saved before it was kept: the fingerprint)
+        if stamp.get("fingerprint") != meta["fingerprint"] or stamp.get("save_id") != meta.get("save_id"):
             raise ValueError(
                 f"{folder}: {INDEX_WEIGHTS} and {INDEX_META} come from different builds (interrupted save?); rebuild"
             )
@@ -478,11 +511,14 @@ class EntityIndex:
                                       + _stale_message(model, meta["fingerprint"], float16_fingerprint, current))
         if device is None:
             device = model.device if model is not None else "cpu"
-        tensors = load_file(weights_path, device=str(device))
+        try:
+            tensors = load_file(weights_path, device=str(device))
+        except SafetensorError as error:
+            raise ValueError(f"{weights_path}: cannot be read ({_one_line(error)}); rebuild the index") from None
         if dtype is not None:
             for name in list(tensors):  # one tensor at a time: each saved tensor is freed once converted
                 tensors[name] = tensors[name].to(dtype)
-        return cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint)
+        return cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint, meta.get("save_id"))
 
     # -------------------------------------------------------------------------------------------------- rank
 
@@ -1119,6 +1155,36 @@ def _group_by_mention(mention_rows: torch.Tensor, num_mentions: int):
     first_slot = torch.cumsum(counts, 0) - counts  # where each mention's pairs start in the sorted list
     slots = torch.arange(sorted_rows.numel(), device=sorted_rows.device) - first_slot[sorted_rows]
     return order, sorted_rows, counts, slots
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _remove_stale_saves(
+    folder: str | os.PathLike, prefix: str = _SAVE_PREFIX, older_than: float | None = None
+) -> None:
+    """
+    Remove the temporary folders (named `prefix`...) that saves into `folder` killed midway left (a full index each):
+    those in which nothing changed for `older_than` seconds (default `STALE_SAVE_SECONDS`), so that a save running
+    beside this one (another process) keeps its own. Best effort: what cannot be removed stays.
+    """
+    older_than = STALE_SAVE_SECONDS if older_than is None else older_than
+    now = time.time()
+    try:
+        entries = [entry for entry in os.scandir(folder) if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            latest = max([entry.stat(follow_symlinks=False).st_mtime]
+                         + [inner.stat(follow_symlinks=False).st_mtime for inner in os.scandir(entry.path)])
+            if now - latest > older_than:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _refuse_nan(scores: torch.Tensor, what: str) -> None:

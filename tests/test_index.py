@@ -301,6 +301,124 @@ def test_half_written_index_is_refused(processor, kb, tmp_path):
         EntityIndex.load(tmp_path)
 
 
+def test_weights_of_one_save_with_the_ids_of_another_are_refused(processor, kb, tmp_path):
+    """The same model re-saves the index of an edited KB: a crash after the weights' rename, before the ids', leaves
+    the new weights beside the old ids. Their fingerprints agree (one model): the save's identifier, stamped on both
+    files, tells them apart."""
+    from safetensors import safe_open
+
+    model = _model(processor, "text_to_image")
+    old, new = tmp_path / "old", tmp_path / "new"
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    assert index.save_id is None
+    index.save(old)
+    meta = json.loads((old / INDEX_META).read_text())
+    with safe_open(str(old / INDEX_WEIGHTS), framework="pt") as f:
+        stamp = f.metadata()
+    assert len(meta["save_id"]) == 32 and stamp == {"fingerprint": index.fingerprint, "save_id": meta["save_id"]}
+    assert index.save_id == meta["save_id"] == EntityIndex.load(old).save_id
+    edited = EntityIndex.build(model, processor, kb[::-1], progress=False)  # the same entities, another order
+    edited.save(new)
+    assert edited.save_id != index.save_id and edited.fingerprint == index.fingerprint
+    (old / INDEX_WEIGHTS).write_bytes((new / INDEX_WEIGHTS).read_bytes())  # the crash: new weights, old ids
+    with pytest.raises(ValueError, match="come from different builds"):
+        EntityIndex.load(old, model)
+    # a save of the same index again gets a new identifier
+    index.save(old)
+    first = index.save_id
+    index.save(old)
+    assert index.save_id != first and EntityIndex.load(old, model).save_id == index.save_id
+
+
+def test_an_index_saved_before_the_save_id_still_loads(processor, kb, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(processor, "text_to_image")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    index.save(tmp_path)
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    del meta["save_id"]  # as indexes saved before it was kept: only the fingerprint in both files
+    (tmp_path / INDEX_META).write_text(json.dumps(meta))
+    tensors = load_file(tmp_path / INDEX_WEIGHTS)
+    save_file(tensors, tmp_path / INDEX_WEIGHTS, metadata={"fingerprint": index.fingerprint})
+    loaded = EntityIndex.load(tmp_path, model)
+    assert loaded.save_id is None and loaded.entity_ids == index.entity_ids
+    for name, tensor in index.tensors.items():
+        assert torch.equal(loaded.tensors[name], tensor), name
+    # new-format weights beside old-format metadata (or the other way round): refused
+    index.save(tmp_path / "new")
+    (tmp_path / INDEX_WEIGHTS).write_bytes((tmp_path / "new" / INDEX_WEIGHTS).read_bytes())
+    with pytest.raises(ValueError, match="come from different builds"):
+        EntityIndex.load(tmp_path)
+
+
+def test_damaged_index_files_are_one_line_errors(processor, kb, tmp_path):
+    model = _model(processor, "text_to_image")
+    EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
+    weights = (tmp_path / INDEX_WEIGHTS).read_bytes()
+    (tmp_path / INDEX_WEIGHTS).write_bytes(weights[: len(weights) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"entity_index.safetensors: cannot be read \(.*\); rebuild") as caught:
+        EntityIndex.load(tmp_path, model)
+    assert "\n" not in str(caught.value)
+    (tmp_path / INDEX_META).write_text('{"format": 1, "fingerp')
+    with pytest.raises(ValueError, match="entity_index.json: not valid JSON"):
+        EntityIndex.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no entity index at .*absent: no such folder"):
+        EntityIndex.load(tmp_path / "absent")
+
+
+def test_a_killed_save_leaves_no_temporary_folder_for_ever(processor, kb, tmp_path):
+    """A save killed midway leaves its temporary folder (a full index); the next save into the folder removes it once
+    nothing in it changed for an hour, and leaves a recent one (a save running beside it) alone."""
+    import os
+    import time
+
+    from modeling_m3el.index_m3el import STALE_SAVE_SECONDS
+
+    model = _model(processor, "text_to_image")
+    stale, running = tmp_path / ".entity_index.killed", tmp_path / ".entity_index.running"
+    for folder in (stale, running):
+        folder.mkdir()
+        (folder / INDEX_WEIGHTS).write_bytes(b"x" * 1000)
+    past = time.time() - STALE_SAVE_SECONDS - 60
+    for path in (stale / INDEX_WEIGHTS, stale):
+        os.utime(path, (past, past))
+    (tmp_path / ".entity_index.json.notes").write_text("a file, not a save's folder: kept")
+    EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".entity_index.json.notes", ".entity_index.running", INDEX_META, INDEX_WEIGHTS,
+    ]
+    # a folder whose file was written recently is a save still running, even if the folder itself is old
+    os.utime(running, (past, past))
+    EntityIndex.load(tmp_path).save(tmp_path)
+    assert running.exists()
+
+
+def test_entity_ids_are_strings_however_given(processor, kb, mentions):
+    """`build` and `from_inputs` made ids strings, `from_features` kept ints: an int id given to `rank` after `build`
+    was not found, and a KB's index with ids "0", "1" concatenated with one of ids 0, 1 held both undetected."""
+    model = _model(processor, "text_to_image")
+    numbered = [dict(entity, id=i) for i, entity in enumerate(kb)]
+    built = EntityIndex.build(model, processor, numbered, progress=False)
+    assert built.entity_ids == [str(i) for i in range(13)]
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    expected = built.rank(model, features, ["3", "0", "12"])
+    assert torch.equal(built.rank(model, features, [3, 0, np.int64(12)]), expected)
+    scores = built.scores(model, features)
+    assert expected.tolist() == [int((scores[row] >= scores[row, gold]).sum()) for row, gold in enumerate([3, 0, 12])]
+    assert built.positions([5, "6"]).tolist() == [5, 6] and built.select([2, 1]).entity_ids == ["2", "1"]
+    encoded = model.encode(**processor.process_entities([e["name"] for e in kb[:3]],
+                                                         [e["description"] for e in kb[:3]],
+                                                         [e["image"] for e in kb[:3]]), side="entity")
+    from_features = EntityIndex.from_features(model, encoded, [0, 1, 2])
+    assert from_features.entity_ids == ["0", "1", "2"]
+    with pytest.raises(ValueError, match=r"duplicate entity ids in the index: \['0', '1', '2'\]"):
+        EntityIndex.concat([built, from_features])
+    with pytest.raises(KeyError, match="entity id '99' is not in the index"):
+        built.rank(model, features, [3, 0, 99])
+
+
 def test_empty_inputs_have_clear_errors(processor, kb, mentions):
     model = _model(processor, "text_to_image")
     with pytest.raises(ValueError, match="empty KB"):
