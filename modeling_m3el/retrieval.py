@@ -2,23 +2,26 @@
 parts and the G2L parts' centres, `M3ELModel.score_estimate`) proposes K candidates per mention, and the exact score
 re-ranks them."""
 
+import hashlib
 import json
 import math
 import os
+import tempfile
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .index_m3el import EntityIndex, StaleIndexError, merge_topk
+from .index_m3el import EntityIndex, StaleIndexError, _one_line, _remove_stale_saves, merge_topk
 from .modeling_m3el import DOT_PRODUCT_PARTS, M3ELFeatures, M3ELModel
 
 BACKENDS = ("flat", "ivf", "hnsw", "torch")
 RETRIEVER_FAISS = "entity_index.faiss"
 RETRIEVER_META = "retriever.json"
 RETRIEVER_FORMAT = 2  # 2: the G2L centres' column added to the vectors
+_SAVE_PREFIX = ".retriever."  # `save`'s temporary folder
 
 # `DOT_PRODUCT_PARTS` as `EntityIndex` tensor names ("{branch}.{name}") with their weights inside their branch.
 DENSE_PARTS = tuple((f"{branch}.{name}", weight) for branch, name, weight in DOT_PRODUCT_PARTS)
@@ -103,7 +106,7 @@ class CandidateRecall:
     hits: int
     count: int
     k_candidates: int
-    found: torch.Tensor
+    found: torch.Tensor = field(repr=False)
 
     @classmethod
     def of(cls, candidate_rows: torch.Tensor, exact_top1_rows: torch.Tensor) -> "CandidateRecall":
@@ -120,14 +123,17 @@ class TwoStageRetriever:
     model)` with `dense_mention_vectors` returns the K entities with the best estimate of the score,
     `M3ELModel.score_estimate` (the dot-product parts: G2G text, G2G image, cross-modal; and the G2L parts' centres),
     the candidates of `EntityIndex.topk(candidates=K)` when the search is exhaustive. Stage 2: the exact M3EL score
-    (`EntityIndex.score_candidates`, the G2L parts included) re-ranks those K. Exact when K is the KB size; otherwise
-    the exact top-1 can be missed (`candidate_recall` measures how often).
+    (`EntityIndex.score_candidates`, the G2L parts included) re-ranks those K. K smaller than the KB can miss the
+    exact top-1 (`candidate_recall` measures how often). K at least the KB size is exact with every backend: the
+    approximate searches ("ivf" with `nprobe < nlist`, "hnsw") can return fewer than K entities, so stage 1 is then
+    an exhaustive product over the dense vectors (`candidates`), and `search` ranks the whole KB with
+    `EntityIndex.topk`.
 
     Args:
         index ([`EntityIndex`]): the KB, built with `model`.
         model ([`M3ELModel`]): the model the index was built with (checked unless `check_model=False`).
-        k_candidates (`int`, *optional*, defaults to 100): K. Clipped to the KB size (K larger than the KB means
-            the whole KB, i.e. exact ranking).
+        k_candidates (`int`, *optional*, defaults to 100): K. Clipped to the KB size (K at least the KB size means
+            the whole KB, i.e. exact ranking, whatever the backend).
         backend (`str`, *optional*, defaults to `"flat"`): the stage-1 search.
             - `"flat"`: faiss `IndexFlatIP`, exhaustive.
             - `"ivf"`: faiss `IndexIVFFlat` with `nlist` k-means cells, `nprobe` of them searched per mention
@@ -182,7 +188,7 @@ class TwoStageRetriever:
         self.hnsw_m, self.hnsw_ef_construction = hnsw_m, hnsw_ef_construction
         self.hnsw_ef_search = hnsw_ef_search if hnsw_ef_search is not None else max(64, self.k_candidates)
         self.dim = 1 + sum(index.tensors[key].shape[-1] for key, _ in DENSE_PARTS if key in index.tensors)
-        self._vectors = self._faiss = self._gpu_resources = None
+        self._vectors = self._faiss = self._gpu_resources = self._exhaustive_vectors = None
         if backend == "torch":
             self._vectors = dense_entity_vectors(index, model)  # (E, D) float32
         else:
@@ -257,21 +263,25 @@ class TwoStageRetriever:
 
     def _stage_one(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Estimated scores and rows (B, k) of the best entities by the estimate; row -1 where the search found
-        fewer."""
+        fewer (an approximate search for fewer than all entities)."""
         if self._vectors is not None:
-            return self._torch_search(queries, k)
+            return self._torch_search(queries, k, self._vectors)
+        if k >= len(self.index) and self.backend != "flat":  # every entity: exhaustive, as IVF and HNSW may not be
+            if self._exhaustive_vectors is None:
+                self._exhaustive_vectors = dense_entity_vectors(self.index, self.model)
+            return self._torch_search(queries, k, self._exhaustive_vectors)
         if self.backend == "hnsw":  # HNSW returns at most efSearch results
             self._faiss.hnsw.efSearch = max(self.hnsw_ef_search, k)
         scores, rows = self._faiss.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), k)
         device = self.index.device
         return torch.from_numpy(scores).to(device), torch.from_numpy(rows).to(device)
 
-    def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = queries.to(self._vectors.device)
+    def _torch_search(self, queries: torch.Tensor, k: int, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = queries.to(vectors.device)
         block = max(k, self.memory_budget_bytes // (4 * queries.shape[0]))
         best = None
-        for start in range(0, self._vectors.shape[0], block):
-            best = merge_topk(best, queries @ self._vectors[start : start + block].T, start, k)  # (B, block) scores
+        for start in range(0, vectors.shape[0], block):
+            best = merge_topk(best, queries @ vectors[start : start + block].T, start, k)  # (B, block) scores
         return best
 
     def _check_mentions(self, mention_features: M3ELFeatures) -> None:
@@ -297,12 +307,15 @@ class TwoStageRetriever:
         """
         Top-k entities per mention after exact re-scoring of the K candidates: (scores (B, k), entity rows (B, k),
         entity ids [[...]]), like `EntityIndex.topk`. k is clipped to K (only candidates are ranked). A slot an
-        approximate search left empty has score -inf, row -1 and id None.
+        approximate search left empty has score -inf, row -1 and id None. K at least the KB size skips stage 1: the
+        exact top k of `EntityIndex.topk`.
         """
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         self._check_mentions(mention_features)
         num_candidates = self.k_candidates if k_candidates is None else self._clipped_k(k_candidates, len(self.index))
+        if num_candidates >= len(self.index):
+            return self.index.topk(self.model, mention_features, k=k, memory_budget_bytes=self.memory_budget_bytes)
         mentions = self.model.prepare_mentions(mention_features)
         _, candidate_rows = self._stage_one(dense_mention_vectors_prepared(mentions), num_candidates)  # (B, K)
         found = candidate_rows >= 0
@@ -345,17 +358,19 @@ class TwoStageRetriever:
     def save(self, folder: str | os.PathLike) -> None:
         """
         Write the stage-1 index (`entity_index.faiss`; nothing for the "torch" backend, which rebuilds from the
-        entity index in seconds) and `retriever.json` into `folder`, next to the entity index's files.
+        entity index in seconds) and `retriever.json` into `folder`, next to the entity index's files: each written
+        under a temporary name, then renamed, `retriever.json` last. It records a digest of the faiss file, of the
+        entity ids, and the entity index's `save_id` (when it has one: save the entity index first), which `load`
+        checks.
         """
         os.makedirs(folder, exist_ok=True)
-        if self._faiss is not None:
-            import faiss
-
-            faiss.write_index(self._cpu_faiss(), os.path.join(folder, RETRIEVER_FAISS))
+        _remove_stale_saves(folder, _SAVE_PREFIX)
         meta = {
             "format": RETRIEVER_FORMAT,
             "fingerprint": self.index.fingerprint,
             "num_entities": len(self.index),
+            "entity_ids_digest": _ids_digest(self.index.entity_ids),
+            "index_save_id": self.index.save_id,
             "dim": self.dim,
             "backend": self.backend,
             "k_candidates": self.k_candidates,
@@ -365,37 +380,93 @@ class TwoStageRetriever:
             "hnsw_ef_construction": self.hnsw_ef_construction,
             "hnsw_ef_search": self.hnsw_ef_search,
         }
-        with open(os.path.join(folder, RETRIEVER_META), "w", encoding="utf-8") as f:
-            json.dump(meta, f)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=_SAVE_PREFIX) as tmp:
+            if self._faiss is not None:
+                import faiss
+
+                faiss.write_index(self._cpu_faiss(), os.path.join(tmp, RETRIEVER_FAISS))
+                meta["faiss_digest"] = _file_digest(os.path.join(tmp, RETRIEVER_FAISS))
+            with open(os.path.join(tmp, RETRIEVER_META), "w", encoding="utf-8") as f:
+                json.dump(meta, f)
+            # the faiss file first, the metadata last: a crash between the two leaves a faiss digest that does not
+            # match, refused by `load`, never a silent mix
+            if self._faiss is not None:
+                os.replace(os.path.join(tmp, RETRIEVER_FAISS), os.path.join(folder, RETRIEVER_FAISS))
+            os.replace(os.path.join(tmp, RETRIEVER_META), os.path.join(folder, RETRIEVER_META))
 
     @classmethod
     def load(cls, folder: str | os.PathLike, index: EntityIndex, model: M3ELModel, **overrides) -> "TwoStageRetriever":
         """
-        Load a retriever saved with `save` for `index` (refused, StaleIndexError, when saved for an index of another
-        model). `overrides`: constructor arguments to change, e.g. `use_gpu`, `k_candidates`, `nprobe`.
+        Load a retriever saved with `save` for `index`: refused (StaleIndexError) when saved for another entity index
+        (another model, other entity ids or order, or another save of the entity index), and (ValueError) when its
+        files are damaged or from different saves. `overrides`: constructor arguments to change, e.g. `use_gpu`,
+        `k_candidates`, `nprobe`.
         """
         meta_path = os.path.join(folder, RETRIEVER_META)
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"no retriever in {folder}: {RETRIEVER_META} is missing")
         with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("format") != RETRIEVER_FORMAT:
-            raise ValueError(
-                f"{meta_path}: retriever format {meta.get('format')!r}, this code reads {RETRIEVER_FORMAT}"
-            )
+            try:
+                meta = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                why = _one_line(error)
+                raise ValueError(f"{meta_path}: not valid JSON ({why}); save the retriever again") from None
+        if not isinstance(meta, dict) or meta.get("format") != RETRIEVER_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{meta_path}: retriever format {found!r}, this code reads {RETRIEVER_FORMAT}")
+        names = ("backend", "k_candidates", "nlist", "nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
+        missing = [key for key in ("fingerprint", "num_entities", *names) if key not in meta]
+        if missing:
+            raise ValueError(f"{meta_path}: {', '.join(missing)} missing; save the retriever again")
+        rebuild = "rebuild it with TwoStageRetriever(index, model)"
         if meta["fingerprint"] != index.fingerprint or meta["num_entities"] != len(index):
             raise StaleIndexError(
                 f"the retriever in {folder} was built for another entity index (fingerprint {meta['fingerprint']}, "
-                f"{meta['num_entities']} entities); rebuild it with TwoStageRetriever(index, model)"
+                f"{meta['num_entities']} entities); {rebuild}"
             )
-        names = ("backend", "k_candidates", "nlist", "nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
+        # (retrievers saved before the digest was kept: the check above alone)
+        if meta.get("entity_ids_digest", _ids_digest(index.entity_ids)) != _ids_digest(index.entity_ids):
+            raise StaleIndexError(
+                f"the retriever in {folder} was built for another entity index (other entity ids, or another order, "
+                f"for the same model); {rebuild}"
+            )
+        saved_for = meta.get("index_save_id")
+        if saved_for is not None and index.save_id is not None and saved_for != index.save_id:
+            raise StaleIndexError(
+                f"the retriever in {folder} was built for another save of the entity index (save_id {saved_for}, "
+                f"this index: {index.save_id}; its entities may have been re-encoded since); {rebuild}"
+            )
         arguments = {key: meta[key] for key in names}
         arguments.update(overrides)
         if arguments["backend"] == meta["backend"] != "torch":
             import faiss
 
-            arguments["faiss_index"] = faiss.read_index(os.path.join(folder, RETRIEVER_FAISS))
+            faiss_path = os.path.join(folder, RETRIEVER_FAISS)
+            if not os.path.exists(faiss_path):
+                raise FileNotFoundError(f"no retriever in {folder}: {RETRIEVER_FAISS} is missing")
+            if "faiss_digest" in meta and _file_digest(faiss_path) != meta["faiss_digest"]:
+                raise ValueError(f"{folder}: {RETRIEVER_FAISS} and {RETRIEVER_META} come from different saves "
+                                 f"(interrupted save?) or the faiss file is damaged; {rebuild}")
+            try:
+                arguments["faiss_index"] = faiss.read_index(faiss_path)
+            except RuntimeError as error:
+                why = _one_line(error)[:200]
+                raise ValueError(f"{faiss_path}: cannot be read by faiss ({why}); {rebuild}") from None
         return cls(index, model, **arguments)
+
+
+def _ids_digest(entity_ids: Sequence[str]) -> str:
+    """A digest of the entity ids in their order (rows of the index)."""
+    return hashlib.blake2b(json.dumps(list(entity_ids)).encode(), digest_size=16).hexdigest()
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    """A digest of a file's bytes, read in pieces."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while piece := f.read(2**22):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from modeling_m3el import M3ELFeatures, M3ELModel
 from modeling_m3el.index_m3el import EntityIndex, StaleIndexError
 from modeling_m3el.retrieval import (
     RETRIEVER_FAISS,
+    CandidateRecall,
     RETRIEVER_META,
     TwoStageRetriever,
     dense_entity_vectors,
@@ -371,6 +372,95 @@ def test_save_load_round_trip(processor, tmp_path, backend):
     (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, format=1)))
     with pytest.raises(ValueError, match="retriever format 1, this code reads 2"):
         TwoStageRetriever.load(tmp_path, index, model)
+
+
+@pytest.mark.parametrize("backend", ["flat", "torch"])
+def test_a_retriever_for_other_entities_is_refused(processor, tmp_path, backend):
+    """A retriever saved for one KB, loaded against an index of the same model and size whose entities are others or
+    in another order (its rows would name the wrong entities), or against another save of the entity index: refused."""
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    index.save(tmp_path)
+    TwoStageRetriever(index, model, k_candidates=5, backend=backend).save(tmp_path)
+    meta = json.loads((tmp_path / RETRIEVER_META).read_text())
+    assert meta["index_save_id"] == index.save_id == EntityIndex.load(tmp_path).save_id
+    TwoStageRetriever.load(tmp_path, EntityIndex.load(tmp_path, model), model)
+    reordered = index.select(index.entity_ids[::-1])  # same model, same size
+    renamed = EntityIndex(index.tensors, [f"P{i}" for i in range(NUM_ENTITIES)], index.fingerprint)
+    for other in (reordered, renamed):
+        assert (other.fingerprint, len(other)) == (index.fingerprint, len(index))
+        with pytest.raises(StaleIndexError, match="other entity ids, or another order"):
+            TwoStageRetriever.load(tmp_path, other, model)
+    # the index re-saved (its entities re-encoded, say, with the same ids): the retriever's vectors may be stale
+    resaved = EntityIndex.load(tmp_path, model)
+    resaved.save(tmp_path)
+    with pytest.raises(StaleIndexError, match="another save of the entity index"):
+        TwoStageRetriever.load(tmp_path, EntityIndex.load(tmp_path, model), model)
+    # a retriever saved before the ids' digest was kept: the fingerprint and size alone, as before
+    (tmp_path / RETRIEVER_META).write_text(json.dumps({k: v for k, v in meta.items()
+                                                       if k not in ("entity_ids_digest", "index_save_id")}))
+    assert TwoStageRetriever.load(tmp_path, reordered, model).index is reordered
+
+
+def test_retriever_save_is_atomic_and_damaged_files_are_one_line_errors(processor, tmp_path):
+    """Both files are written under temporary names and renamed, retriever.json last: a crash between the two renames
+    leaves a faiss file whose digest retriever.json does not have, refused; so is a truncated faiss file or JSON."""
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 4, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=6, backend="ivf", nlist=5, nprobe=2)
+    retriever.save(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [RETRIEVER_FAISS, RETRIEVER_META]  # no temporaries
+    TwoStageRetriever(index, model, k_candidates=6, backend="ivf", nlist=7, nprobe=7).save(tmp_path / "b")
+    faiss_a = (tmp_path / "a" / RETRIEVER_FAISS).read_bytes()
+    (tmp_path / "a" / RETRIEVER_FAISS).write_bytes((tmp_path / "b" / RETRIEVER_FAISS).read_bytes())  # the crash
+    with pytest.raises(ValueError, match="come from different saves .* or the faiss file is damaged"):
+        TwoStageRetriever.load(tmp_path / "a", index, model)
+    (tmp_path / "a" / RETRIEVER_FAISS).write_bytes(faiss_a[: len(faiss_a) // 2])
+    with pytest.raises(ValueError, match="come from different saves"):
+        TwoStageRetriever.load(tmp_path / "a", index, model)
+    meta = json.loads((tmp_path / "a" / RETRIEVER_META).read_text())
+    (tmp_path / "a" / RETRIEVER_META).write_text(json.dumps({k: v for k, v in meta.items() if k != "faiss_digest"}))
+    with pytest.raises(ValueError, match="entity_index.faiss: cannot be read by faiss") as caught:  # no digest to check
+        TwoStageRetriever.load(tmp_path / "a", index, model)
+    assert "\n" not in str(caught.value)
+    (tmp_path / "a" / RETRIEVER_FAISS).write_bytes(faiss_a)
+    loaded = TwoStageRetriever.load(tmp_path / "a", index, model)
+    assert torch.equal(loaded.candidates(mentions)[1], retriever.candidates(mentions)[1])
+    (tmp_path / "a" / RETRIEVER_FAISS).unlink()
+    with pytest.raises(FileNotFoundError, match="entity_index.faiss is missing"):
+        TwoStageRetriever.load(tmp_path / "a", index, model)
+    (tmp_path / "a" / RETRIEVER_META).write_text('{"format": 2, "fing')
+    with pytest.raises(ValueError, match="retriever.json: not valid JSON"):
+        TwoStageRetriever.load(tmp_path / "a", index, model)
+
+
+def test_k_the_kb_size_is_exact_with_an_approximate_search_too(processor):
+    """IVF searching nprobe < nlist cells (the default nlist // 8), HNSW with a narrow search: K = the KB size still
+    gives every entity as a candidate, and the exact top k."""
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 6, 1)
+    expected_scores, expected_rows, expected_ids = index.topk(model, mentions, k=10)
+    dense = dense_mention_vectors(model, mentions) @ dense_entity_vectors(index, model).T
+    for backend, options in (("ivf", {}), ("hnsw", {"hnsw_m": 4, "hnsw_ef_search": 1})):
+        retriever = TwoStageRetriever(index, model, k_candidates=NUM_ENTITIES, backend=backend, **options)
+        assert backend != "ivf" or retriever.nprobe < retriever.nlist
+        scores, rows = retriever.candidates(mentions)
+        assert (rows >= 0).all() and [sorted(r) for r in rows.tolist()] == [list(range(NUM_ENTITIES))] * 6
+        torch.testing.assert_close(scores, dense.topk(NUM_ENTITIES, dim=1).values, rtol=1e-5, atol=1e-5)
+        scores, rows, ids = retriever.search(mentions, k=10)
+        assert torch.equal(rows, expected_rows) and ids == expected_ids
+        torch.testing.assert_close(scores, expected_scores)
+        assert retriever.candidate_recall(mentions).recall == 1.0
+        # fewer candidates than the KB: the approximate search itself (empty slots possible)
+        assert retriever.candidates(mentions, k_candidates=5)[1].shape == (6, 5)
+
+
+def test_candidate_recall_repr_leaves_out_the_per_mention_tensor():
+    report = CandidateRecall.of(torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.tensor([1, 0, 4]))
+    assert (report.hits, report.count, report.found.tolist()) == (2, 3, [True, False, True])
+    assert repr(report) == "CandidateRecall(recall=0.6666666666666666, hits=2, count=3, k_candidates=2)"
 
 
 @pytest.mark.parametrize("backend", ["flat", "torch"])
