@@ -26,6 +26,37 @@ def _load_model(folder: str, dtype: str, device: str | None):
     return model.to(device), processor
 
 
+def _check_counts(args, flags=("--batch-size", "--entity-batch-size", "--num-workers")) -> None:
+    """The size and thread arguments: positive (sizes) or at least 0 (`--num-workers`), said before anything loads."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None:
+            continue
+        if flag == "--num-workers" and value < 0:
+            raise SystemExit(f"error: {flag} must be 0 or a positive integer, got {value}")
+        if flag != "--num-workers" and value <= 0:
+            raise SystemExit(f"error: {flag} must be a positive integer, got {value}")
+
+
+def _check_index_folder(folder: str | None) -> None:
+    """`--index`: an existing folder, said before the model loads."""
+    if folder is not None and not os.path.isdir(folder):
+        raise SystemExit(f"error: --index: no such folder: {folder}")
+
+
+def _load_index(folder: str, model, what: str = "--index", **kwargs):
+    """`EntityIndex.load`, its errors about the folder's files (missing, damaged, of two different saves) as one line;
+    a stale index (StaleIndexError) is left to `main`."""
+    from .index_m3el import EntityIndex, StaleIndexError
+
+    try:
+        return EntityIndex.load(folder, model, **kwargs)
+    except StaleIndexError:
+        raise
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {what}: {error}") from None
+
+
 def _eval(args) -> int:
     from .data import load_benchmark
     from .evaluation import gold_ranks, index_rows, ranking_metrics
@@ -35,12 +66,14 @@ def _eval(args) -> int:
         check_candidates(args.candidates)
     except ValueError as error:
         raise SystemExit(f"error: --{error}") from None
+    _check_counts(args)
+    _check_index_folder(args.index)
     benchmark = load_benchmark(args.data, splits=[args.split])  # first: a data error is said before the model loads
     print(benchmark.summary(), file=sys.stderr)
     model, processor = _load_model(args.model, args.dtype, args.device)
     if args.index:
-        index = EntityIndex.load(args.index, model, device=model.device)
-        if index.entity_ids != list(benchmark.entities["id"]):
+        index = _load_index(args.index, model, device=model.device)
+        if index.entity_ids != [str(i) for i in benchmark.entities["id"]]:  # (an index's ids are strings)
             raise SystemExit(f"error: the index in {args.index} does not hold the entities of {args.data}")
     else:
         index = EntityIndex.build(model, processor, index_rows(benchmark.entities), batch_size=args.entity_batch_size,
@@ -84,6 +117,7 @@ def _index(args) -> int:
     from .index_m3el import INDEX_META, EntityIndex, StaleIndexError
     from .pipeline_m3el import save_entities
 
+    _check_counts(args)
     benchmark = load_benchmark(args.data, splits=[])
     model, processor = _load_model(args.model, args.dtype, args.device)
     rows = index_rows(benchmark.entities)
@@ -96,13 +130,19 @@ def _index(args) -> int:
             previous = EntityIndex.load(args.output, model, device="cpu")
         except StaleIndexError as error:
             raise SystemExit(f"error: --update: {error}") from None
+        except (OSError, ValueError) as error:  # files missing, damaged or of two different saves
+            raise SystemExit(f"error: --update: {error}; index without --update") from None
         try:
             with open(digests_path, encoding="utf-8") as f:
                 saved = json.load(f)
         except (OSError, json.JSONDecodeError) as error:
             raise SystemExit(f"error: --update: {digests_path} cannot be read ({error}), so which entities changed "
                              "is unknown; index without --update") from None
-        if saved.get("fingerprint") != previous.fingerprint:
+        # the same model, and the same save of the index (None == None for an index and digests written before the
+        # index's save_id was kept)
+        if not isinstance(saved, dict) or (saved.get("fingerprint"), saved.get("save_id")) != (
+            previous.fingerprint, previous.save_id
+        ):
             raise SystemExit(f"error: --update: {digests_path} does not belong to the index beside it (an "
                              "interrupted run?); index without --update")
         indexed = set(previous.entity_ids)
@@ -120,7 +160,8 @@ def _index(args) -> int:
     save_entities(args.output, [{**row, "image": os.path.abspath(row["image"]) if row.get("image") else None}
                                 for row in rows])
     # after the index: a crash between the two leaves the old digests, which only make entities be encoded again
-    _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "entities": digests})
+    _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "save_id": index.save_id,
+                                          "entities": digests})
     summary = ""
     if args.update and previous is None:
         summary = " (no index there yet: every entity encoded)"
@@ -146,7 +187,7 @@ def _convert(args) -> int:
 
 
 def _link(args) -> int:
-    from .index_m3el import EntityIndex, check_candidates
+    from .index_m3el import check_candidates
     from .pipeline_m3el import M3ELEntityLinkingPipeline, check_top_k
 
     # the arguments first: a mistake is said before the model loads
@@ -158,8 +199,9 @@ def _link(args) -> int:
         check_candidates(args.candidates)
     except ValueError as error:
         raise SystemExit(f"error: --{error}".replace("--top_k", "--top-k")) from None
+    _check_index_folder(args.index)
     model, processor = _load_model(args.model, args.dtype, args.device)
-    index = EntityIndex.load(args.index, model) if args.index else None
+    index = _load_index(args.index, model) if args.index else None
     entities = args.entities or (
         os.path.join(args.index, "entities.jsonl")
         if args.index and os.path.isfile(os.path.join(args.index, "entities.jsonl")) else None

@@ -1,5 +1,6 @@
 """Ranking evaluation (SPEC 6): gold-entity ranks of a split against the whole KB, and the metrics over them."""
 
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -48,6 +49,8 @@ def gold_ranks(
     next batches while the current one is ranked (`M3ELProcessor.prefetched`). `candidates`: the ranks among each
     mention's K candidates instead, a missed gold last (`EntityIndex.rank`).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     total = len(mentions)
     if total == 0:

@@ -84,6 +84,56 @@ def test_bad_input_is_one_line_naming_it(saved, tmp_path, capsys):
         main(["eval", "--model", str(tmp_path), "--data", str(data), "--split", "test"])
 
 
+def test_bad_sizes_are_one_line_before_anything_loads(saved, tmp_path):
+    """--batch-size 0, --entity-batch-size 0, --num-workers -1 ended in tracebacks (a negative batch size in a
+    misleading one): said first, in one line; gold_ranks refuses a batch size that is not positive."""
+    root, data, model, processor = saved
+    absent = str(tmp_path / "absent")  # neither the data nor the model is read: the sizes are said first
+    for command in ("eval", "index"):
+        arguments = [command, "--model", absent, "--data", absent]
+        arguments += ["--output", absent] if command == "index" else []
+        cases = [("--entity-batch-size", "0", "a positive integer, got 0"),
+                 ("--entity-batch-size", "-4", "a positive integer, got -4"),
+                 ("--num-workers", "-1", "0 or a positive integer, got -1")]
+        if command == "eval":
+            cases += [("--batch-size", "0", "a positive integer, got 0"),
+                      ("--batch-size", "-2", "a positive integer, got -2")]
+        for flag, value, message in cases:
+            with pytest.raises(SystemExit, match=f"^error: {flag} must be {message}$"):
+                main([*arguments, flag, value])
+    benchmark = load_benchmark(data, splits=["test"])
+    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {size}"):
+            gold_ranks(model, processor, index, benchmark.splits["test"], batch_size=size, progress=False)
+
+
+def test_a_missing_or_broken_index_is_one_line(saved, tmp_path, capsys):
+    """eval --index and link --index with a folder that is not there, or whose files are of two different saves:
+    `error: ...`, exit status 1, no traceback."""
+    root, data, model, processor = saved
+    for command in (["eval", "--data", data], ["link", "--mention", "bank", "--sentence", "the river bank"]):
+        arguments = [command[0], "--model", str(root / "model"), *command[1:]]
+        with pytest.raises(SystemExit, match=r"^error: --index: no such folder: .*nonexistent$"):
+            main([*arguments, "--index", str(tmp_path / "nonexistent")])
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit, match=r"^error: --index: no entity index in .*empty: entity_index.json is "):
+            main([*arguments, "--index", str(tmp_path / "empty")])
+    benchmark = load_benchmark(data, splits=[])
+    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
+    index.save(tmp_path / "index")
+    meta = json.loads((tmp_path / "index" / "entity_index.json").read_text())
+    (tmp_path / "index" / "entity_index.json").write_text(json.dumps(dict(meta, save_id="0" * 32)))
+    with pytest.raises(SystemExit, match=r"^error: --index: .*come from different builds \(interrupted save\?\)"):
+        main(["link", "--model", str(root / "model"), "--mention", "bank", "--sentence", "x", "--index",
+              str(tmp_path / "index")])
+    # through the command line: status 1, one line
+    result = subprocess.run([sys.executable, "-m", "modeling_m3el.cli", "eval", "--model", str(root / "model"),
+                             "--data", data, "--index", str(tmp_path / "nonexistent")], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: --index: no such folder: {tmp_path / 'nonexistent'}"
+
+
 def _write_kb(folder, entities):
     folder.mkdir(exist_ok=True)
     lines = [json.dumps({"id": i, "name": name, "description": text, "images": [image] if image else []})
@@ -123,6 +173,19 @@ def test_index_update_encodes_only_what_changed(saved, tmp_path, capsys):
         torch.testing.assert_close(updated.tensors[name], tensor, rtol=1e-5, atol=1e-5)
     assert main(command + ["--update"]) == 0  # nothing changed: nothing encoded
     assert "(7 entities reused; 0 encoded: 0 new, 0 changed; 0 dropped)" in capsys.readouterr().out
+    # the digests name the save of the index they describe: an index saved again without them (a run killed between
+    # the index and its digests) is not updated from them
+    digests = json.loads((tmp_path / "index" / "kb_digests.json").read_text())
+    assert digests["save_id"] == EntityIndex.load(tmp_path / "index").save_id is not None
+    EntityIndex.load(tmp_path / "index").save(tmp_path / "index")
+    with pytest.raises(SystemExit, match="kb_digests.json does not belong to the index beside it"):
+        main(command + ["--update"])
+    (tmp_path / "index" / "kb_digests.json").write_text(json.dumps(digests))
+    (tmp_path / "index" / "entity_index.json").write_text("{")
+    with pytest.raises(SystemExit, match="--update: .*entity_index.json: not valid JSON.*; index without --update"):
+        main(command + ["--update"])
+    assert main(command) == 0  # without --update: all encoded anew
+    capsys.readouterr()
     # another model's index is not updated, it is refused; so is an index whose digests are gone
     other = root / "other-model"
     torch.manual_seed(1)
