@@ -486,6 +486,11 @@ def main(argv=None):
         if os.path.isfile(os.path.join(dataset_dir, DEMO_MANIFEST)):
             benchmark.name = DEMO_DATASET  # written with WikiMEL's file names, so that the same loader reads it
     logger.info(benchmark.summary())
+    if config.dataset_dir is not None and config.clip is None and config.init_from is None:
+        logger.warning(
+            "Training on %s with the demo's model: a tiny CLIP built from code, trained from scratch (no --clip, "
+            "no --init_from). For a real linker start from CLIP: --config configs/wikimel.yaml (the published recipe, "
+            "CLIP ViT-B/32) or --clip openai/clip-vit-base-patch32", config.dataset_dir)
     benchmark.require_splits(("train", "dev", "test"))  # the file a missing split was looked for in, and why
 
     # 3. Model, processor, optimizer.

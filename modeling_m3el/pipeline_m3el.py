@@ -135,6 +135,12 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     `device` and `dtype` work as for every pipeline (`pipeline(..., device="cuda", dtype=torch.bfloat16)`); the index
     follows the model's device and dtype. `batch_size` batches the mentions.
+
+    A model already in memory: transformers' `pipeline()` finds a custom task only from a repo or folder name, so
+    build this class directly, e.g. `M3ELEntityLinkingPipeline(model=model, processor=processor, index=...)`; without
+    the package, the class comes from the model's repo with
+    `transformers.dynamic_module_utils.get_class_from_dynamic_module("pipeline_m3el.M3ELEntityLinkingPipeline",
+    repo)`, or as `type(linker)` of a pipeline loaded once.
     """
 
     _load_processor = True
