@@ -269,7 +269,10 @@ class TrainingCollator:
         rows = self.mentions[indices]
         gold = self.entities[[self.entity_row[answer] for answer in rows["answer"]]]
         seeds = [np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0] for i in indices]
-        return process_training_batch(self.processor, rows, gold, seeds=seeds)
+        before = self.processor.num_unreadable_images  # (this process's processor: a DataLoader worker has its own)
+        batch = process_training_batch(self.processor, rows, gold, seeds=seeds)
+        batch["num_unreadable_images"] = self.processor.num_unreadable_images - before  # popped before the model
+        return batch
 
 
 class IdentityDataset(torch.utils.data.Dataset):
@@ -583,8 +586,9 @@ def main(argv=None):
         collator.epoch = state.epoch
         share.skip = state.step_in_epoch
         batches_in_epoch = len(batch_sampler)
-        running, count, started = 0.0, 0, time.time()
+        running, count, unreadable, started = 0.0, 0, 0, time.time()
         for batch in loader:
+            unreadable += batch.pop("num_unreadable_images")
             batch = batch.to(accelerator.device)
             state.step_in_epoch += 1
             # An optimiser step every `gradient_accumulation_steps` batches and after the epoch's last one: no gradient
@@ -607,9 +611,14 @@ def main(argv=None):
                     stop = True
                     break
         epoch_loss = accelerator.reduce(torch.tensor(running / max(count, 1), device=accelerator.device), "mean")
+        unreadable = int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device), "sum").item())
+        if unreadable:
+            logger.warning("epoch %d: %d images of its batches could not be read and were all-zero images (the "
+                           "warnings name them)", state.epoch, unreadable)
         log_metrics(accelerator, config, {"train/loss": epoch_loss.item(), "train/epoch": state.epoch,
                                           "train/seconds": time.time() - started,
-                                          "train/mentions_left_out": batch_sampler.left_out}, state.global_step)
+                                          "train/mentions_left_out": batch_sampler.left_out,
+                                          "train/unreadable_images": unreadable}, state.global_step)
         finished_epoch = state.epoch
         if state.step_in_epoch >= batches_in_epoch:  # (max_train_steps can stop it part way: resumed from there)
             state.epoch, state.step_in_epoch = state.epoch + 1, 0

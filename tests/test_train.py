@@ -207,6 +207,7 @@ def test_accumulation_ends_with_the_epoch_and_a_stopped_run_resumes_mid_epoch(de
     rows = _train_rows(straight)
     assert [row["step"] for row in rows] == [3, 6] and [row["train/epoch"] for row in rows] == [0, 1]
     assert all(row["train/mentions_left_out"] == 198 - 16 * 12 for row in rows)  # 198: two nil answers left out
+    assert all(isinstance(row["train/unreadable_images"], int) for row in rows)  # (the demo's missing files)
 
     stopped = tmp_path / "stopped"
     launch([*args, "--output_dir", str(stopped), "--max_train_steps", "2"])  # 10 of epoch 0's 12 batches
@@ -275,3 +276,32 @@ def test_the_sampler_counts_the_mentions_it_leaves_out():
         assert sorted(i for batch in batches for i in batch) == sorted(set(i for batch in batches for i in batch))
         whole = UniqueGoldBatchSampler(answers, 2, seed=seed)
         assert whole.left_out == 0 and sorted(i for batch in whole for i in batch) == list(range(8))
+
+
+def test_the_collator_counts_the_images_it_cannot_read(demo, tmp_path):
+    """Each training batch says how many of its images were unreadable (all-zero instead), so that every epoch's
+    total is logged, from whichever process (a DataLoader worker included) read them."""
+    import shutil
+    import warnings
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from train_accelerate import TrainingCollator
+    finally:
+        del sys.path[0]
+    from modeling_m3el.data import load_benchmark
+    from modeling_m3el.demo import demo_processor
+
+    data = Path(shutil.copytree(demo, tmp_path / "data"))
+    benchmark = load_benchmark(data)
+    train = benchmark.splits["train"]
+    with_image = [i for i in range(len(train)) if train[i]["image"] and os.path.isfile(train[i]["image"])][:4]
+    Path(train[with_image[0]]["image"]).write_bytes(b"not an image")  # one of the four mentions' images is broken
+    collator = TrainingCollator(demo_processor(), train, benchmark.entities, benchmark.entity_index, seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = collator(with_image)
+    unreadable = [w for w in caught if "Unreadable image" in str(w.message)]
+    assert batch["num_unreadable_images"] == len(unreadable) >= 1
+    assert any(train[with_image[0]]["image"] in str(w.message) for w in unreadable)
+    assert not batch["has_image"][0] and batch["has_image"][1:].all()
