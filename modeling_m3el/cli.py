@@ -381,6 +381,11 @@ def _input_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # every argument is the converter's (argparse's REMAINDER would stop at an option)
+        from .convert_official_checkpoint import main as convert_main
+
+        return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -108,9 +108,12 @@ class ConversionReport:
             f"Converted {self.checkpoint} -> {self.output_dir}",
             f"  cross_modal={self.cross_modal}, matching_dim={self.matching_dim}",
             f"  mapped: {self.num_mapped} tensors, every model weight filled exactly once",
-            f"  dropped (unused by the forward pass): {sum(self.dropped.values())} tensors",
+            f"  dropped (not used by this mode's forward pass): {sum(self.dropped.values())} tensors",
         ]
-        lines += [f"    {module}: {count}" for module, count in sorted(self.dropped.items())]
+        other_blocks = {block: mode for mode, block in CROSS_MODAL_BLOCKS.items() if mode != self.cross_modal}
+        lines += [f"    {module}: {count}" + (f" (the {other_blocks[module]} mode's cross-modal block)"
+                                              if module in other_blocks else "")
+                  for module, count in sorted(self.dropped.items())]
         lines.append("  checked:")
         lines += [f"    {check}" for check in self.checked]
         lines.append(f"  processor written: {'yes' if self.processor_written else 'no'}")
@@ -130,17 +133,24 @@ def load_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> Mappi
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not unsafe_load)
     except pickle.UnpicklingError as error:
-        if unsafe_load:
-            raise CheckpointConversionError(f"{path}: cannot unpickle the checkpoint: {error}") from error
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        culprit = f" ({found.group(1)})" if found else ""
+        if unsafe_load or not found:  # not a refused object: a file that is not a checkpoint, or a damaged one
+            raise CheckpointConversionError(
+                f"{path}: cannot be read as a PyTorch checkpoint (damaged, or not a checkpoint): {_first_line(error)}"
+            ) from error
         raise CheckpointConversionError(
-            f"{path}: torch.load(weights_only=True) refused a non-tensor object{culprit}. Lightning pickles the "
-            "training arguments (`hyper_parameters`, an omegaconf DictConfig in the authors' code) next to the "
+            f"{path}: torch.load(weights_only=True) refused a non-tensor object ({found.group(1)}). Lightning pickles "
+            "the training arguments (`hyper_parameters`, an omegaconf DictConfig in the authors' code) next to the "
             "weights, and unpickling arbitrary objects can run code. If you trust this file, rerun with "
-            "--unsafe-load (needs the packages those objects come from, e.g. omegaconf), or re-save only its "
-            "weights in a trusted environment: torch.save({'state_dict': torch.load(path, weights_only=False)"
-            "['state_dict']}, 'weights.ckpt')."
+            "--unsafe-load (needs the packages those objects come from, e.g. omegaconf), or re-save it in a trusted "
+            "environment with its training arguments as plain containers, which this converter checks the "
+            "conversion against: ckpt = torch.load(path, weights_only=False); torch.save({'state_dict': "
+            "ckpt['state_dict'], 'hyper_parameters': omegaconf.OmegaConf.to_container(ckpt['hyper_parameters'])}, "
+            "'weights.ckpt')."
+        ) from error
+    except (RuntimeError, EOFError) as error:  # a truncated or damaged file (zip archive, pickle stream)
+        raise CheckpointConversionError(
+            f"{path}: cannot be read as a PyTorch checkpoint (truncated or damaged?): {_first_line(error)}"
         ) from error
     except ModuleNotFoundError as error:  # unsafe load of an object whose package is not installed
         raise CheckpointConversionError(
@@ -150,6 +160,11 @@ def load_checkpoint(path: str | os.PathLike, unsafe_load: bool = False) -> Mappi
     if not isinstance(checkpoint, Mapping):
         raise CheckpointConversionError(f"{path}: expected a dict (a Lightning checkpoint), got {type(checkpoint)}")
     return checkpoint
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def _state_dict(checkpoint: Mapping, path: str) -> dict[str, torch.Tensor]:
@@ -282,6 +297,28 @@ def _convert_state_dict(
     report.dropped = dict(dropped)
     report.num_mapped = sum(1 for key in converted if not POSITION_IDS.match(key))
     return converted
+
+
+def _looks_untrained(state_dict: Mapping, cross_modal: str) -> str | None:
+    """
+    A note when the converted mode's cross-modal block still has its gate LayerNorm at its initial values (weight 1,
+    bias 0) while the other mode's block has trained ones: the checkpoint was most likely trained in the other mode
+    (its hyper-parameters, which say so, are often not in a weights-only file).
+    """
+    def initial(block):
+        weight, bias = (state_dict.get(f"{block}.{CROSS_MODAL_LAYERS['gate_norm']}.{name}") for name in ("weight", "bias"))
+        if weight is None or bias is None:
+            return None
+        return bool((weight == 1).all() and (bias == 0).all())
+
+    other_mode = next(mode for mode in CROSS_MODAL_BLOCKS if mode != cross_modal)
+    this_block, other_block = CROSS_MODAL_BLOCKS[cross_modal], CROSS_MODAL_BLOCKS[other_mode]
+    if initial(this_block) and initial(other_block) is False:
+        return (f"{this_block} ({cross_modal}) has its gate LayerNorm at its initial values (weight 1, bias 0) while "
+                f"{other_block} ({other_mode}) has trained ones: the checkpoint looks trained in {other_mode} mode; "
+                f"convert with --cross-modal {other_mode}, unless you mean to reproduce the authors' own evaluation "
+                "(SPEC section 7)")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- processor
@@ -458,6 +495,9 @@ def convert_official_checkpoint(
         notes.append(f"checkpoint tensors are {', '.join(dtypes)}; saved as float32")
     model.load_state_dict(converted, strict=True)
     model.eval()
+    untrained = _looks_untrained(state_dict, cross_modal)
+    if untrained:
+        notes.append(untrained)
     processor, why_not = _load_processor(clip, config)
     report.processor_written = processor is not None
     if why_not:

@@ -8,6 +8,7 @@ the recipe, limitations, the citation, and plots of Hits@k and of the training c
 import json
 import os
 import re
+import shlex
 import textwrap
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -236,11 +237,21 @@ def _usage(model_id: str, model_dir: str, examples: list[dict]) -> str:
         ```
         """).format(mid=mid, image_line=image_line, mention=json.dumps(mention), text=json.dumps(text),
                     image_arg=image_arg, names=json.dumps(names), descriptions=json.dumps(descriptions)))
+    if example:  # the example's image: in the folder, or on the Hub (`m3el link` reads paths and URLs)
+        # a folder (maybe not built yet), or a Hub id "namespace/name"
+        local = (os.path.isdir(model_id) or os.path.isabs(model_id) or model_id.startswith((".", "~"))
+                 or model_id.count("/") != 1)
+        image = (os.path.join(model_id, example["image"]) if local
+                 else f"https://huggingface.co/{model_id}/resolve/main/{example['image']}")
+        command = (f"m3el link --model {shlex.quote(model_id)} --mention {shlex.quote(example['mention'])} "
+                   f"--text {shlex.quote(example['text'])} --image {shlex.quote(image)} --top-k 5")
+    else:
+        command = f'm3el link --model {shlex.quote(model_id)} --mention "Jaguar" --text "the Jaguar at the zoo today" --top-k 5'
     parts.append(textwrap.dedent(f"""\
         From the command line, with the `m3el` package installed:
 
         ```bash
-        m3el link --model {model_id} --mention "Jaguar" --text "the Jaguar at the zoo today" --image post.jpg --top-k 5
+        {command}
         ```
         """))
     return "\n".join(parts)
@@ -332,7 +343,7 @@ This checkpoint was trained with `train_accelerate.py` of the `m3el` package fro
 ## Results
 
 Test split of {dataset_name}{f", {count} mentions" if count else ""}, each ranked {against} (ties count against the
-gold entity){f"; best dev MRR at epoch {best_epoch}" if best_epoch is not None else ""}.
+gold entity){f"; best dev MRR after epoch {best_epoch + 1} (counted from 1)" if best_epoch is not None else ""}.
 
 {_results_table(results) if results else "*No test results in this folder.*"}
 

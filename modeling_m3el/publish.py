@@ -14,6 +14,7 @@ entity images in `entity_images/`), a few example mentions (`examples.jsonl`, `e
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -142,6 +143,7 @@ def build_hub_folder(
     for name in RUN_FILES:
         if os.path.isfile(os.path.join(model_dir, name)):
             shutil.copyfile(os.path.join(model_dir, name), os.path.join(temporary, name))
+    _shorten_local_paths(os.path.join(temporary, "training_config.json"))
     log_path = next((p for p in (os.path.join(run_dir, "log.jsonl"), os.path.join(model_dir, "log.jsonl"))
                      if os.path.isfile(p)), None)
     if log_path:
@@ -172,6 +174,36 @@ def build_hub_folder(
         shutil.rmtree(output_dir)
     os.replace(temporary, output_dir)
     return output_dir
+
+
+PATH_FIELDS = ("dataset_dir", "demo_dir", "output_dir", "clip", "init_from")  # training_config.json's paths
+
+
+def _shorten_local_paths(path: str) -> None:
+    """The training machine's absolute paths in a published training_config.json (and so in the card) become their
+    last component: `/home/me/data/WikiMEL` -> `WikiMEL`. Hub ids and relative paths stay."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    changed = False
+    for key in PATH_FIELDS:
+        value = config.get(key)
+        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+            config[key] = os.path.basename(os.path.normpath(os.path.expanduser(value))) or value
+            changed = True
+    if changed:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=1)
+
+
+def _card_model_ids(folder: str) -> set[str]:
+    """The model ids the folder's card loads in its snippets."""
+    card = os.path.join(folder, "README.md")
+    if not os.path.isfile(card):
+        return set()
+    with open(card, encoding="utf-8") as f:
+        return set(re.findall(r'(?:from_pretrained\(|model=)"([^"]+)"', f.read()))
 
 
 def hub_files(folder: str | os.PathLike) -> list[str]:
@@ -205,6 +237,10 @@ def push_to_hub(
     if missing:
         raise ValueError(f"{folder} is not a built M3EL folder (missing {', '.join(missing)}); build it with "
                          "build_hub_folder (m3el export) first")
+    other = sorted(_card_model_ids(folder) - {repo_id})
+    if other:
+        raise ValueError(f"the model card in {folder} was written for {', '.join(other)} (its snippets load that), "
+                         f"not for {repo_id}: build the folder again with m3el export --repo-id {repo_id}")
     if dry_run:
         return files
     from huggingface_hub import HfApi

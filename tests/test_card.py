@@ -90,3 +90,15 @@ def test_base_model_is_a_hub_id_or_nothing(clip, expected):
     data = card_data({"mrr": 0.5, "hits@1": 0.4}, {"clip": clip}, "M3EL (WikiMEL)", "WikiMEL", dataset_id=None)
     assert data.base_model == expected and data.datasets is None
     assert [r.metric_type for r in data.eval_results] == ["mrr", "hits_at_1"]
+
+
+def test_the_command_line_snippet_runs_as_written(hub_folder, capsys):
+    import shlex
+
+    from modeling_m3el.cli import main
+
+    command = next(line for line in (hub_folder / "README.md").read_text().splitlines() if line.startswith("m3el link"))
+    example = json.loads((hub_folder / "examples.jsonl").read_text().splitlines()[0])
+    assert main(shlex.split(command)[1:]) == 0
+    first = capsys.readouterr().out.splitlines()[0].split()
+    assert first[0] == "1" and first[3] == example["answer"]  # the example's gold entity, ranked first

@@ -14,6 +14,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -447,3 +448,40 @@ def test_clip_without_tokenizer_writes_no_processor(with_image_processor, checkp
     assert any(note.startswith("no processor written") for note in report.notes)
     files = {path.name for path in (tmp_path / "out").iterdir()}
     assert "model.safetensors" in files and "processor_config.json" not in files
+
+
+def test_m3el_convert_passes_every_option_on(checkpoint, clip_folder, tmp_path, capsys):
+    from modeling_m3el.cli import main as m3el
+
+    assert m3el(["convert", "--checkpoint", checkpoint, "--clip", clip_folder, "--cross-modal", "text_to_image",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert "Converted" in capsys.readouterr().out and (tmp_path / "out" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        m3el(["convert", "--help"])
+    assert exit_info.value.code == 0 and "--cross-modal" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_a_damaged_or_foreign_file_is_said_so(damage, checkpoint, clip_folder, tmp_path):
+    data = Path(checkpoint).read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"not a checkpoint at all\n"}[damage])
+    with pytest.raises(CheckpointConversionError, match=r"bad\.ckpt: cannot be read as a PyTorch checkpoint") as error:
+        convert_official_checkpoint(bad, clip_folder, "text_to_image", tmp_path / "out")
+    assert "--unsafe-load" not in str(error.value)
+
+
+def test_a_block_left_at_its_initial_values_is_noted(checkpoint_state, clip_folder, tmp_path):
+    """Weights only (no hyper-parameters saying the mode): converting the block a run never trained is noted, and the
+    report names the other mode's block for what it is."""
+    state = dict(checkpoint_state)
+    for name in ("weight", "bias"):
+        key = f"matcher.cmm.gate_layer_norm.{name}"
+        state[key] = torch.ones_like(state[key]) if name == "weight" else torch.zeros_like(state[key])
+    path = save_checkpoint(tmp_path / "bidirectional.ckpt", state)
+    report = convert_official_checkpoint(path, clip_folder, "text_to_image", tmp_path / "t2v")
+    assert any("looks trained in bidirectional mode" in note and "--cross-modal bidirectional" in note
+               for note in report.notes)
+    report = convert_official_checkpoint(path, clip_folder, "bidirectional", tmp_path / "bi")
+    assert not any("looks trained" in note for note in report.notes)
+    assert "matcher.cmm: 17 (the text_to_image mode's cross-modal block)" in str(report)

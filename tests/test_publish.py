@@ -75,14 +75,50 @@ def test_the_folder_holds_exactly_the_expected_files(hub_folder, demo_data):
     assert (hub_folder / "handler.py").read_text().startswith('"""Inference Endpoints')
 
 
-def test_dry_run_lists_the_files_and_touches_nothing(hub_folder, recording):
-    assert push_to_hub(hub_folder, "me/m3el-demo", dry_run=True) == hub_files(hub_folder)
+@pytest.fixture(scope="module")
+def repo_folder(hub_folder, tmp_path_factory):
+    """The published folder as `m3el export --repo-id me/m3el-demo` writes it: its card loads the repo."""
+    folder = tmp_path_factory.mktemp("for_repo") / "m3el-demo"
+    shutil.copytree(hub_folder, folder)
+    card = folder / "README.md"
+    card.write_text(card.read_text().replace(f'"{hub_folder}"', '"me/m3el-demo"'))
+    return folder
+
+
+def test_dry_run_lists_the_files_and_touches_nothing(repo_folder, hub_folder, recording):
+    assert push_to_hub(repo_folder, "me/m3el-demo", dry_run=True) == hub_files(hub_folder)
     assert recording == []
 
 
-def test_push_creates_the_repo_and_uploads_exactly_the_listed_files(hub_folder, recording, tmp_path):
+def test_a_card_written_for_another_repo_or_a_local_folder_is_not_pushed(repo_folder, hub_folder, recording):
+    with pytest.raises(ValueError, match="written for me/m3el-demo .*not for you/other: build the folder again"):
+        push_to_hub(repo_folder, "you/other", dry_run=True)
+    with pytest.raises(ValueError, match=f"written for {hub_folder} "):  # built without --repo-id
+        push_to_hub(hub_folder, "me/m3el-demo", dry_run=True)
+    assert recording == []
+
+
+def test_the_training_machines_paths_are_not_published(demo_run, demo_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    config_path = run / "model" / "training_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(dataset_dir=str(Path(demo_data).resolve()), output_dir="/home/someone/runs/m3el-wikimel",
+                  clip="/home/someone/models/clip-vit-base-patch32")
+    config_path.write_text(json.dumps(config))
+    folder = build_hub_folder(run, tmp_path / "built", repo_id="me/m3el-demo")
+    published = json.loads((Path(folder) / "training_config.json").read_text())
+    assert (published["dataset_dir"], published["output_dir"], published["clip"]) == (
+        Path(demo_data).resolve().name, "m3el-wikimel", "clip-vit-base-patch32")
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and path.suffix in (".md", ".json", ".jsonl", ".py"):
+            text = path.read_text()
+            assert "/home/someone" not in text and str(Path(demo_data).resolve()) not in text, path
+
+
+def test_push_creates_the_repo_and_uploads_exactly_the_listed_files(repo_folder, hub_folder, recording, tmp_path):
     folder = tmp_path / "copy"
-    shutil.copytree(hub_folder, folder)
+    shutil.copytree(repo_folder, folder)
     # Leftovers that must not travel: an interrupted write, Python caches, a git folder.
     (folder / "model.safetensors.tmp").write_bytes(b"partial")
     (folder / "__pycache__").mkdir()
