@@ -194,7 +194,9 @@ class EntityIndex:
 
     Build with `EntityIndex.build(model, processor, entities)` (or `from_features`), save with `save(folder)`,
     load with `EntityIndex.load(folder, model)` (refused when `model` is not the one it was built with), and rank
-    with `scores`, `rank` or `topk`.
+    with `scores`, `rank` or `topk`. Those calls do not check the model again (hashing its weights takes about half a
+    second at B/32 size): after changing the model in memory (a training step), rebuild the index, or call
+    `check_model(model)`, which refuses a model the index was not built with.
     """
 
     # How the pruned `rank` and `topk` score their undecided pairs through the fused kernel (CUDA): "candidates",
