@@ -1,8 +1,8 @@
 """Train, evaluate and export M3EL with Accelerate: `accelerate launch train_accelerate.py [--config configs/X.yaml]`.
 
 With no arguments it trains a tiny M3EL on the built-in demo benchmark (generated on first use), on CPU or GPU, in
-a few minutes. The configs in `configs/` carry the published recipe (SPEC section 5) for WikiMEL, RichpediaMEL and
-WikiDiverse; any config field can be overridden on the command line (`--learning_rate 2e-5`).
+a few minutes. The configs in `configs/` carry the published recipe (the paper's; README, "Train or fine-tune") for
+WikiMEL, RichpediaMEL and WikiDiverse; any config field can be overridden on the command line (`--learning_rate 2e-5`).
 """
 
 import argparse
@@ -62,7 +62,7 @@ class TrainingConfig:
     # recompute each CLIP layer's activations in the backward pass instead of keeping them: less memory, more time
     # (the same gradients); transformers' `activation_checkpointing_enable`
     activation_checkpointing: bool = False
-    # optimisation: the recipe of SPEC 5
+    # optimisation: the published recipe (configs/wikimel.yaml)
     seed: int = 43
     num_epochs: int = 20
     per_device_batch_size: int = 128
@@ -489,7 +489,8 @@ def main(argv=None):
         if os.path.isfile(os.path.join(dataset_dir, DEMO_MANIFEST)):
             benchmark.name = DEMO_DATASET  # written with WikiMEL's file names, so that the same loader reads it
     logger.info(benchmark.summary())
-    if config.dataset_dir is not None and config.clip is None and config.init_from is None:
+    demo_model = config.clip is None and config.init_from is None
+    if config.dataset_dir is not None and demo_model and accelerator.is_main_process:
         logger.warning(
             "Training on %s with the demo's model: a tiny CLIP built from code, trained from scratch (no --clip, "
             "no --init_from). For a real linker start from CLIP: --config configs/wikimel.yaml (the published recipe, "
@@ -521,8 +522,8 @@ def main(argv=None):
     if len(batch_sampler) == 0:
         raise ValueError(
             f"no batch of {global_batch} training mentions with {global_batch} different gold entities can be formed: "
-            f"the {len(train)} training mentions have {len(set(train['answer']))} different gold entities (a batch never "
-            "holds two mentions of one entity, the others being its negatives); lower --per_device_batch_size"
+            f"the {len(train)} training mentions have {len(set(train['answer']))} different gold entities (a batch "
+            "never holds two mentions of one entity, the others being its negatives); lower --per_device_batch_size"
         )
     share = ProcessShare(batch_sampler, accelerator.process_index, world, per_device)
     collator = TrainingCollator(processor, train, benchmark.entities, benchmark.entity_index, config.seed)
@@ -548,8 +549,9 @@ def main(argv=None):
             check_resumable(path, config, global_batch)
             accelerator.load_state(path)
             if state.global_batch != global_batch:  # (the number of processes times the batch per device)
-                raise ValueError(f"{path} was trained with batches of {state.global_batch} mentions over all processes, "
-                                 f"this run's are {global_batch}: resume on as many processes as it was trained on")
+                raise ValueError(f"{path} was trained with batches of {state.global_batch} mentions over all "
+                                 f"processes, this run's are {global_batch}: resume on as many processes as it was "
+                                 "trained on")
             if accelerator.is_main_process:  # the log's rows of the work lost since the checkpoint
                 trim_log(config.output_dir, state.global_step)
             logger.info("Resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.step_in_epoch,
@@ -557,15 +559,15 @@ def main(argv=None):
 
     # 6. Banner.
     left_out = batch_sampler.left_out
-    if left_out > 0.05 * len(train):
+    if left_out > 0.05 * len(train) and accelerator.is_main_process:
         logger.warning(
             "%d of the %d training mentions (%.0f%%) are left out of each epoch (others each time): a batch never "
             "holds two mentions of one gold entity, and at an epoch's end too few different gold entities remain to "
             "fill one; a smaller batch leaves fewer out", left_out, len(train), 100 * left_out / len(train))
     effective = per_device * world * config.gradient_accumulation_steps
     logger.info("***** Training M3EL *****")
-    logger.info("  dataset: %s, %d train mentions (%d in each epoch's batches), %d entities", benchmark.name, len(train),
-                len(train) - left_out, len(benchmark.entities))
+    logger.info("  dataset: %s, %d train mentions (%d in each epoch's batches), %d entities", benchmark.name,
+                len(train), len(train) - left_out, len(benchmark.entities))
     logger.info("  processes: %d, batch per device: %d, accumulation: %d -> effective batch %d (in-batch negatives "
                 "per mention: %d)", world, per_device, config.gradient_accumulation_steps, effective, global_batch - 1)
     logger.info("  epochs: %d, optimiser steps per epoch: %d, mixed precision: %s, LoRA: %s, activation "
@@ -612,7 +614,7 @@ def main(argv=None):
                     break
         epoch_loss = accelerator.reduce(torch.tensor(running / max(count, 1), device=accelerator.device), "mean")
         unreadable = int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device), "sum").item())
-        if unreadable:
+        if unreadable and accelerator.is_main_process:
             logger.warning("epoch %d: %d images of its batches could not be read and were all-zero images (the "
                            "warnings name them)", state.epoch, unreadable)
         log_metrics(accelerator, config, {"train/loss": epoch_loss.item(), "train/epoch": state.epoch,

@@ -187,7 +187,7 @@ def _convert(args) -> int:
 
 
 def _link(args) -> int:
-    from .index_m3el import check_candidates
+    from .index_m3el import INDEX_META, check_candidates
     from .pipeline_m3el import M3ELEntityLinkingPipeline, check_top_k
 
     # the arguments first: a mistake is said before the model loads
@@ -200,6 +200,9 @@ def _link(args) -> int:
     except ValueError as error:
         raise SystemExit(f"error: --{error}".replace("--top_k", "--top-k")) from None
     _check_index_folder(args.index)
+    if args.index is None and os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, INDEX_META)):
+        raise SystemExit(f"error: {args.model} holds no entity index: give --index (a folder built by m3el index), or "
+                         "link with a folder built by m3el export, which carries its KB's index")
     model, processor = _load_model(args.model, args.dtype, args.device)
     index = _load_index(args.index, model) if args.index else None
     entities = args.entities or (
@@ -261,8 +264,21 @@ def _push(args) -> int:
                 dataset_id=args.dataset_id, entity_images=args.entity_images, num_examples=args.examples,
                 device=args.device, overwrite=args.build_dir is not None, num_workers=args.num_workers,
             )
-        result = push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.commit_message,
-                             token=args.token, dry_run=args.dry_run)
+        if not args.dry_run and args.token is None:
+            from huggingface_hub import get_token
+
+            if get_token() is None:
+                raise SystemExit("error: no Hub token: log in with `hf auth login`, set HF_TOKEN, or pass --token")
+        try:
+            result = push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.commit_message,
+                                 token=args.token, dry_run=args.dry_run)
+        except (ValueError, FileNotFoundError) as error:  # not a folder to publish, or not for this repo
+            raise SystemExit(f"error: {error}") from None
+        except Exception as error:  # the network or the Hub refused: one line (the folder is left as it is)
+            if args.dry_run:
+                raise
+            why = (str(error).strip().splitlines() or [""])[0][:300]
+            raise SystemExit(f"error: pushing to {args.repo_id} failed: {type(error).__name__}: {why}") from None
         if args.dry_run:
             visibility = "private" if args.private else "public"
             print(f"Would create {visibility} model repo {args.repo_id} (if absent) and upload {len(result)} files "

@@ -306,7 +306,8 @@ def _looks_untrained(state_dict: Mapping, cross_modal: str) -> str | None:
     (its hyper-parameters, which say so, are often not in a weights-only file).
     """
     def initial(block):
-        weight, bias = (state_dict.get(f"{block}.{CROSS_MODAL_LAYERS['gate_norm']}.{name}") for name in ("weight", "bias"))
+        norm = f"{block}.{CROSS_MODAL_LAYERS['gate_norm']}"
+        weight, bias = (state_dict.get(f"{norm}.{name}") for name in ("weight", "bias"))
         if weight is None or bias is None:
             return None
         return bool((weight == 1).all() and (bias == 0).all())
@@ -317,7 +318,7 @@ def _looks_untrained(state_dict: Mapping, cross_modal: str) -> str | None:
         return (f"{this_block} ({cross_modal}) has its gate LayerNorm at its initial values (weight 1, bias 0) while "
                 f"{other_block} ({other_mode}) has trained ones: the checkpoint looks trained in {other_mode} mode; "
                 f"convert with --cross-modal {other_mode}, unless you mean to reproduce the authors' own evaluation "
-                "(SPEC section 7)")
+                "(which scores WikiDiverse with the text_to_image block)")
     return None
 
 
@@ -456,7 +457,7 @@ def convert_official_checkpoint(
                 f"{kb_folder!r}), but {CROSS_MODAL_BLOCKS[cross_modal]} is converted"
                 + (
                     "; this reproduces the authors' own evaluation, which scores with the untrained text_to_image "
-                    "block (SPEC section 7)"
+                    "block"
                     if trained_mode == "bidirectional"
                     else "; its weights are untrained"
                 )
@@ -534,7 +535,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ),
         epilog=(
             "The authors trained text_to_image for WikiMEL and RichpediaMEL and bidirectional for WikiDiverse. "
-            "Their own WikiDiverse evaluation scored with the untrained text_to_image block (SPEC section 7): "
+            "Their own WikiDiverse evaluation scored with the untrained text_to_image block: "
             "convert a WikiDiverse checkpoint with --cross-modal text_to_image to reproduce their logged numbers, "
             "with bidirectional to use the block it trained."
         ),

@@ -237,24 +237,41 @@ def _usage(model_id: str, model_dir: str, examples: list[dict]) -> str:
         ```
         """).format(mid=mid, image_line=image_line, mention=json.dumps(mention), text=json.dumps(text),
                     image_arg=image_arg, names=json.dumps(names), descriptions=json.dumps(descriptions)))
+    index_option = "" if has_index else " --index INDEX"  # this folder has no entity index: one built with m3el index
     if example:  # the example's image: in the folder, or on the Hub (`m3el link` reads paths and URLs)
         # a folder (maybe not built yet), or a Hub id "namespace/name"
         local = (os.path.isdir(model_id) or os.path.isabs(model_id) or model_id.startswith((".", "~"))
                  or model_id.count("/") != 1)
         image = (os.path.join(model_id, example["image"]) if local
                  else f"https://huggingface.co/{model_id}/resolve/main/{example['image']}")
-        command = (f"m3el link --model {shlex.quote(model_id)} --mention {shlex.quote(example['mention'])} "
-                   f"--text {shlex.quote(example['text'])} --image {shlex.quote(image)} --top-k 5")
+        command = (f"m3el link --model {shlex.quote(model_id)}{index_option} --mention "
+                   f"{shlex.quote(example['mention'])} --text {shlex.quote(example['text'])} "
+                   f"--image {shlex.quote(image)} --top-k 5")
     else:
-        command = f'm3el link --model {shlex.quote(model_id)} --mention "Jaguar" --text "the Jaguar at the zoo today" --top-k 5'
+        command = (f'm3el link --model {shlex.quote(model_id)}{index_option} --mention "Jaguar" --text "the Jaguar at '
+                   'the zoo today" --top-k 5')
+    where = "" if has_index else (
+        f" and an entity index of your KB (`m3el index --model {shlex.quote(model_id)} --data KB_FOLDER --output "
+        "INDEX`; `m3el export` builds a folder that carries one)")
     parts.append(textwrap.dedent(f"""\
-        From the command line, with the `m3el` package installed:
+        From the command line, with the `m3el` package installed{where}:
 
         ```bash
         {command}
         ```
         """))
     return "\n".join(parts)
+
+
+def _endpoint_line(model_dir: str) -> str:
+    if not os.path.isfile(os.path.join(model_dir, "handler.py")):
+        return ("- **Inference Endpoints**: `m3el export --run RUN --output FOLDER --repo-id ...` builds the folder to "
+                "publish, with the entity index, the pipeline and a custom `handler.py` for Inference Endpoints.")
+    return textwrap.dedent("""\
+        - **Inference Endpoints**: this repository's `handler.py` is a custom handler over the pipeline. Requests are
+          `{"inputs": {"mention": ..., "text": ..., "image": "<base64>"}, "parameters": {"top_k": 5}}` (or a list of
+          mentions; `"candidates": K` among the parameters as in the pipeline); a bad request (a missing field, empty
+          text, an unreadable image, `top_k` <= 0) gets `{"error": ...}`.""")
 
 
 def _results_table(results: dict) -> str:
@@ -354,10 +371,7 @@ gold entity){f"; best dev MRR after epoch {best_epoch + 1} (counted from 1)" if 
 {_usage(model_id, model_dir, examples)}
 ## Serving
 
-- **Inference Endpoints**: this repository's `handler.py` is a custom handler over the pipeline. Requests are
-  `{{"inputs": {{"mention": ..., "text": ..., "image": "<base64>"}}, "parameters": {{"top_k": 5}}}}` (or a list of
-  mentions; `"candidates": K` among the parameters as in the pipeline); a bad request (a missing field, empty text, an
-  unreadable image, `top_k` <= 0) gets `{{"error": ...}}`.
+{_endpoint_line(model_dir)}
 - **Gradio Space**: `hub_card/space/app.py` of the m3el package; set `M3EL_MODEL` to this repository.
 
 The Hub's hosted inference widget does not run models with custom code, hence these two.

@@ -593,7 +593,8 @@ class M3ELModel(M3ELPreTrainedModel):
             hint = ("processor(mentions=..., sentences=..., images=...)" if side == "mention" else
                     "processor(entity_names=..., entity_descriptions=..., entity_images=...)")
             raise ValueError(f"{plural} need both `{prefix}input_ids` and `{prefix}pixel_values` (from {hint}); "
-                             "model(...) scores mentions against entities and needs both sides, model.encode(...) encodes one side")
+                             "model(...) scores mentions against entities and needs both sides, model.encode(...) "
+                             "encodes one side")
         if input_ids.dim() != 2 or input_ids.shape[1] != length:
             raise ValueError(
                 f"`{prefix}input_ids` must have shape ({count}, {length}): texts are padded to exactly "

@@ -219,7 +219,9 @@ class M3ELEntityLinkingPipeline(Pipeline):
         if os.path.isdir(location):
             location = os.path.abspath(location)  # entity image paths stay valid if the working directory changes
         elif _looks_local(location):
-            raise ValueError(f"no such folder: {location} (index= a folder saved with EntityIndex.save, or a Hub repo id)")
+            raise ValueError(
+                f"no such folder: {location} (index= a folder saved with EntityIndex.save, or a Hub repo id)"
+            )
         meta = self._find_file(location, INDEX_META)
         if meta is None:
             raise ValueError(
@@ -380,7 +382,8 @@ class M3ELEntityLinkingPipeline(Pipeline):
                     shutil.copyfile(source, target)
         if missing:
             warnings.warn(f"{len(missing)} entity images referenced in {ENTITIES_FILE} were not copied to "
-                          f"{save_directory} (not found under {self._entity_folder}, or outside it; e.g. {missing[:3]})")
+                          f"{save_directory} (not found under {self._entity_folder}, or outside it; e.g. "
+                          f"{missing[:3]})")
 
 
 __all__ = ["M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]

@@ -247,7 +247,8 @@ def test_factory_dtype_and_device_then_save_pretrained(hub_folder, test_mentions
     linker.save_pretrained(tmp_path / "saved")
     again = pipeline(TASK, model=str(tmp_path / "saved"), trust_remote_code=True, dtype=dtype, device="cpu")
     reloaded = again(mentions, top_k=3)
-    assert [[(e["id"], e["score"]) for e in r] for r in reloaded] == [[(e["id"], e["score"]) for e in r] for r in result]
+    pairs = [[(e["id"], e["score"]) for e in r] for r in result]
+    assert [[(e["id"], e["score"]) for e in r] for r in reloaded] == pairs
     images = [e["image"] for r in reloaded for e in r if e["image"] is not None]
     assert images and all(image.startswith(str(tmp_path / "saved")) and os.path.isfile(image) for image in images)
 

@@ -236,8 +236,12 @@ def test_every_form_of_base64_and_data_url_gives_the_same_pixels(processor, tmp_
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for bad, reason in [("data:,hosts", "must be base64-encoded"), ("data:image/png;base64,%%%", "not valid base64"),
-                            ("", "an empty string is not an image"), (b"garbage", "not an image format PIL reads (7 bytes)")]:
+        for bad, reason in [
+            ("data:,hosts", "must be base64-encoded"),
+            ("data:image/png;base64,%%%", "not valid base64"),
+            ("", "an empty string is not an image"),
+            (b"garbage", "not an image format PIL reads (7 bytes)"),
+        ]:
             pixels, readable = processor.load_image(bad)
             assert not readable and not pixels.any()
             assert reason in str(caught[-1].message) and "BytesIO" not in str(caught[-1].message)

@@ -153,7 +153,7 @@ def test_build_refuses_a_non_empty_output(demo_run, tmp_path):
         build_hub_folder(demo_run, tmp_path / "new", entity_images="all")
 
 
-def test_cli_push_of_a_run_builds_then_pushes(demo_run, demo_data, recording, capsys, tmp_path):
+def test_cli_push_of_a_run_builds_then_pushes(demo_run, demo_data, recording, capsys, tmp_path, monkeypatch):
     assert main(["push", str(demo_run), "--repo-id", "me/m3el-demo", "--private", "--dry-run",
                  "--build-dir", str(tmp_path / "built")]) == 0
     out = capsys.readouterr().out
@@ -163,7 +163,15 @@ def test_cli_push_of_a_run_builds_then_pushes(demo_run, demo_data, recording, ca
     # Built for the repo: the card's snippets load it.
     assert 'model="me/m3el-demo"' in (tmp_path / "built" / "README.md").read_text()
 
-    assert main(["push", str(tmp_path / "built"), "--repo-id", "me/m3el-demo", "--commit-message", "v1"]) == 0
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # no token saved by a login either
+    with pytest.raises(SystemExit, match="no Hub token: log in with `hf auth login`, set HF_TOKEN, or pass --token"):
+        main(["push", str(tmp_path / "built"), "--repo-id", "me/m3el-demo"])
+    with pytest.raises(SystemExit, match="error: the model card in .* was written for me/m3el-demo"):
+        main(["push", str(tmp_path / "built"), "--repo-id", "you/other", "--token", "hf_test"])
+    assert recording == []
+    assert main(["push", str(tmp_path / "built"), "--repo-id", "me/m3el-demo", "--commit-message", "v1",
+                 "--token", "hf_test"]) == 0
     assert [name for name, _ in recording] == ["HfApi", "create_repo", "upload_folder"]
     assert recording[1][1]["private"] is False and recording[2][1]["commit_message"] == "v1"
     assert recording[2][1]["sent"] == expected_files(demo_data)

@@ -252,8 +252,8 @@ def test_list_options_and_init_from_on_the_command_line(tmp_path, capsys):
     from modeling_m3el.demo import demo_processor
     from modeling_m3el.tiny import tiny_config
 
-    M3ELModel(tiny_config(demo_processor(), matching_dim=24, cross_modal="bidirectional", use_icl=False)).save_pretrained(
-        tmp_path / "model")
+    config = tiny_config(demo_processor(), matching_dim=24, cross_modal="bidirectional", use_icl=False)
+    M3ELModel(config).save_pretrained(tmp_path / "model")
     # The folder's architecture is the run's (and so its training_config.json's), whatever the config file says.
     config = parse_args(["--init_from", str(tmp_path / "model"), "--learning_rate", "2e-5"])
     assert (config.cross_modal, config.use_icl, config.matching_dim) == ("bidirectional", False, 24)
