@@ -390,7 +390,7 @@ def trim_log(output_dir: str, global_step: int) -> None:
                     len(rows) - len(kept), global_step)
 
 
-def check_resumable(path: str, config: TrainingConfig, global_batch: int) -> None:
+def check_resumable(path: str, config: TrainingConfig) -> None:
     """Refuse to resume a checkpoint with settings other than those it was trained with (its training_config.json)."""
     try:
         with open(os.path.join(path, "training_config.json"), encoding="utf-8") as f:
@@ -546,7 +546,7 @@ def main(argv=None):
         if path is None:
             logger.warning("No checkpoint in %s to resume: starting from scratch", config.output_dir)
         else:
-            check_resumable(path, config, global_batch)
+            check_resumable(path, config)
             accelerator.load_state(path)
             if state.global_batch != global_batch:  # (the number of processes times the batch per device)
                 raise ValueError(f"{path} was trained with batches of {state.global_batch} mentions over all "
