@@ -26,15 +26,19 @@ def _load_model(folder: str, dtype: str, device: str | None):
     return model.to(device), processor
 
 
-def _check_counts(args, flags=("--batch-size", "--entity-batch-size", "--num-workers")) -> None:
-    """The size and thread arguments: positive (sizes) or at least 0 (`--num-workers`), said before anything loads."""
+COUNTS_FROM_ZERO = ("--num-workers", "--examples")  # the count arguments for which 0 means none
+
+
+def _check_counts(args, flags=("--batch-size", "--entity-batch-size", "--num-workers", "--examples")) -> None:
+    """The size and count arguments: positive (sizes) or at least 0 (`COUNTS_FROM_ZERO`), said before anything
+    loads. Arguments a command does not have are skipped."""
     for flag in flags:
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is None:
             continue
-        if flag == "--num-workers" and value < 0:
+        if flag in COUNTS_FROM_ZERO and value < 0:
             raise SystemExit(f"error: {flag} must be 0 or a positive integer, got {value}")
-        if flag != "--num-workers" and value <= 0:
+        if flag not in COUNTS_FROM_ZERO and value <= 0:
             raise SystemExit(f"error: {flag} must be a positive integer, got {value}")
 
 
@@ -240,6 +244,7 @@ def _export_arguments(sub):
 def _export(args) -> int:
     from .publish import build_hub_folder
 
+    _check_counts(args)
     folder = build_hub_folder(
         args.run, args.output, data_dir=args.data, repo_id=args.repo_id, dataset_id=args.dataset_id,
         entity_images=args.entity_images, num_examples=args.examples, device=args.device, overwrite=args.overwrite,
@@ -254,6 +259,7 @@ def _push(args) -> int:
 
     from .publish import REQUIRED_FILES, build_hub_folder, push_to_hub
 
+    _check_counts(args)
     source = os.path.abspath(args.source)
     with tempfile.TemporaryDirectory(prefix="m3el-push-") as scratch:
         folder = source

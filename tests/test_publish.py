@@ -183,3 +183,12 @@ def test_help_of_the_new_commands():
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
+
+
+def test_export_and_push_check_their_counts_first(tmp_path):
+    for command in (["export", "--run", str(tmp_path / "run"), "--output", str(tmp_path / "out")],
+                    ["push", str(tmp_path / "run"), "--repo-id", "me/m3el-demo", "--dry-run"]):
+        with pytest.raises(SystemExit, match="--examples must be 0 or a positive integer, got -1"):
+            main([*command, "--examples", "-1"])
+        with pytest.raises(SystemExit, match="--num-workers must be 0 or a positive integer, got -2"):
+            main([*command, "--num-workers", "-2"])
