@@ -346,25 +346,27 @@ RESUMABLE_CHANGES = {
     "entity_batch_size", "num_workers", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
     "report_to", "output_dir", "activation_checkpointing", "overwrite_output_dir",
 }
-PATH_FIELDS = {"dataset_dir", "demo_dir"}  # compared as absolute paths
+PATH_FIELDS = {"dataset_dir", "demo_dir", "clip", "init_from"}  # compared as absolute paths when local folders
 
 
 def start_output_dir(accelerator, config: TrainingConfig) -> None:
     """
     A new run (not resumed) must not mix with an earlier one in the same output_dir: its checkpoints would be resumed
     by `latest` and rotated against this run's, its log rows drawn in this run's plots. So an earlier run's
-    checkpoints are an error, unless `overwrite_output_dir` deletes them; a log without checkpoints (a run stopped
-    before its first) is started afresh.
+    checkpoints or log are an error, unless `overwrite_output_dir` deletes them.
     """
     if config.resume_from_checkpoint:
         return
     earlier = checkpoint_dirs(config.output_dir)
-    if earlier and not config.overwrite_output_dir:
-        raise ValueError(
-            f"{config.output_dir} holds the checkpoints of an earlier run ({', '.join(map(os.path.basename, earlier))})"
-            ": resume it with --resume_from_checkpoint latest, start over with --overwrite_output_dir true (deletes "
-            "them and its log), or choose another --output_dir"
-        )
+    log = os.path.exists(os.path.join(config.output_dir, "log.jsonl"))
+    if (earlier or log) and not config.overwrite_output_dir:
+        if earlier:
+            what = f"the checkpoints of an earlier run ({', '.join(map(os.path.basename, earlier))})"
+            how = "resume it with --resume_from_checkpoint latest, start over"
+        else:
+            what, how = "the log of an earlier run (log.jsonl)", "start over"
+        raise ValueError(f"{config.output_dir} holds {what}: {how} with --overwrite_output_dir true (deletes them "
+                         "and its log), or choose another --output_dir")
     accelerator.wait_for_everyone()  # every process has looked before the main one deletes
     if accelerator.is_main_process:
         shutil.rmtree(os.path.join(config.output_dir, "checkpoints"), ignore_errors=True)
@@ -401,8 +403,9 @@ def check_resumable(path: str, config: TrainingConfig) -> None:
     current = dataclasses.asdict(config)
 
     def same(name):
-        if name in PATH_FIELDS and saved[name] is not None and current[name] is not None:
-            return os.path.abspath(saved[name]) == os.path.abspath(current[name])
+        paths = (saved[name], current[name])
+        if name in PATH_FIELDS and all(isinstance(path, str) and os.path.exists(path) for path in paths):
+            return os.path.samefile(*paths)
         return saved[name] == current[name]
 
     changed = [f"{name} {saved[name]!r} -> {current[name]!r}" for name in current
@@ -595,11 +598,15 @@ def main(argv=None):
             state.step_in_epoch += 1
             # An optimiser step every `gradient_accumulation_steps` batches and after the epoch's last one: no gradient
             # is carried into the next epoch, nor left out of the checkpoint taken at the epoch's end.
-            step_now = (state.step_in_epoch % config.gradient_accumulation_steps == 0
-                        or state.step_in_epoch == batches_in_epoch)
+            accumulation = config.gradient_accumulation_steps
+            step_now = state.step_in_epoch % accumulation == 0 or state.step_in_epoch == batches_in_epoch
+            # The step averages its group's batches: the epoch's last group may be shorter than `accumulation`.
+            group_start = (state.step_in_epoch - 1) // accumulation * accumulation
+            group = min(accumulation, batches_in_epoch - group_start)
             with contextlib.nullcontext() if step_now else accelerator.no_sync(model):
                 output = model(**batch, return_loss=True, gather_negatives=True)
-                accelerator.backward(output.loss)  # (divided by gradient_accumulation_steps)
+                # (backward divides by `accumulation`)
+                accelerator.backward(output.loss if group == accumulation else output.loss * (accumulation / group))
             running, count = running + output.loss.detach().float().item(), count + 1
             if step_now:
                 optimizer.step()

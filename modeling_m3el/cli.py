@@ -163,7 +163,8 @@ def _index(args) -> int:
     # the names, descriptions and image paths that `m3el link --index` and the pipeline show with the results
     save_entities(args.output, [{**row, "image": os.path.abspath(row["image"]) if row.get("image") else None}
                                 for row in rows])
-    # after the index: a crash between the two leaves the old digests, which only make entities be encoded again
+    # after the index: a crash between the two leaves digests of the previous save, which the next --update refuses
+    # (it names the remedy: index without --update)
     _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "save_id": index.save_id,
                                           "entities": digests})
     summary = ""

@@ -80,6 +80,10 @@ class MELDataError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class MissingSplitError(MELDataError):
+    """A split asked for has no file in the folder (the message names the file looked for)."""
+
+
 # ------------------------------------------------------------------------------------------------------ result
 
 
@@ -169,7 +173,7 @@ class MELBenchmark:
         for split in splits:
             if split not in self.splits:
                 looked_for = self.report.missing_splits.get(split, "it was not loaded (see splits=)")
-                raise MELDataError(self.root, f"the {split} split is missing: {looked_for}")
+                raise MissingSplitError(self.root, f"the {split} split is missing: {looked_for}")
             if len(self.splits[split]) == 0:
                 counts = self.report.splits[split]
                 nil = f" ({counts.nil_dropped} with a nil answer left out)" if counts.nil_dropped else ""
@@ -355,7 +359,7 @@ def load_jsonl_benchmark(root, splits: Sequence[str] | None = None, name: str | 
     for split in splits:
         path = os.path.join(root, f"{split}.jsonl")
         if not os.path.isfile(path):
-            raise MELDataError(root, f"split {split!r} is missing: {_looked_for(root, split)}")
+            raise MissingSplitError(root, f"split {split!r} is missing: {_looked_for(root, split)}")
         counts = report.splits[split] = MELSplitReport(file=path)
         mentions = {key: [] for key in MENTION_FEATURES}
         for line, record in _read_jsonl(path):
@@ -466,8 +470,12 @@ def _benchmark_split_files(root: str, name: str | None, splits: tuple[str, ...])
         if len(present) != 1:
             looked = ", ".join(f"{prefix}_{{train,dev,test}}.json"
                                for prefixes in BENCHMARK_SPLIT_PREFIXES.values() for prefix in prefixes)
-            found = f"split files of several datasets ({', '.join(present)})" if present else "no split files"
-            raise MELDataError(root, f"{found}; looked for {looked}; pass name= to choose")
+            if not present and not splits:  # the KB alone, asked for as such: named after its folder
+                return os.path.basename(os.path.abspath(root)), {}, []
+            if not present:  # (a KB without split files: each split asked for is missing)
+                raise MissingSplitError(root, f"no split files; looked for {looked}; pass name= to choose")
+            raise MELDataError(root, f"split files of several datasets ({', '.join(present)}); looked for {looked}; "
+                               "pass name= to choose")
         name = present[0]
     else:
         known = {key.lower(): dataset for dataset, prefixes in BENCHMARK_SPLIT_PREFIXES.items()
@@ -480,7 +488,7 @@ def _benchmark_split_files(root: str, name: str | None, splits: tuple[str, ...])
         candidates = [f"{prefix}_{split}.json" for prefix in BENCHMARK_SPLIT_PREFIXES[name]]
         found = [file for file in candidates if os.path.isfile(os.path.join(root, file))]
         if not found:
-            raise MELDataError(root, f"{name} split {split!r} is missing: looked for {' and '.join(candidates)}")
+            raise MissingSplitError(root, f"{name} split {split!r} is missing: looked for {' and '.join(candidates)}")
         if len(found) > 1:
             notes.append(f"both {' and '.join(found)} exist; read {found[0]}")
         files[split] = os.path.join(root, found[0])
@@ -713,6 +721,7 @@ __all__ = [
     "MELDataError",
     "MELReport",
     "MELSplitReport",
+    "MissingSplitError",
     "UniqueGoldBatchSampler",
     "entity_image",
     "load_benchmark",

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .kernels_m3el import FusedKernelError, entities_per_step, fused_g2l_wanted, record_failure
 from .kernels_m3el import strict as strict_kernel
@@ -120,9 +120,13 @@ def _matches(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None
 
 def _stale_message(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None, current: str) -> str:
     why = f"fingerprint {fingerprint}, this model: {current}"
-    if float16_fingerprint is None and torch.float16 in _floating_dtypes(model):
+    half = _floating_dtypes(model) & {torch.float16, torch.bfloat16}
+    if float16_fingerprint is None and torch.float16 in half:
         why += ("; the index was saved before indexes kept a float16 fingerprint, so a model loaded in float16 cannot "
                 "be checked against it: load the model in float32 or bfloat16, or rebuild the index")
+    elif half:
+        why += ("; if it is the same checkpoint: an index built from (or saved with) the model in one half precision "
+                "is refused by the model in the other, their roundings differ; build indexes from the float32 model")
     return f"was built with another model ({why}); rebuild it with EntityIndex.build(model, processor, entities)"
 
 
@@ -495,27 +499,25 @@ class EntityIndex:
         for key in ("fingerprint", "entity_ids"):
             if key not in meta:
                 raise ValueError(f"{meta_path}: no {key!r}; not an entity index this code wrote")
-        try:
-            with safe_open(weights_path, framework="pt") as f:
-                stamp = f.metadata() or {}
-        except SafetensorError as error:  # a truncated or damaged file
-            raise ValueError(f"{weights_path}: cannot be read ({_one_line(error)}); rebuild the index") from None
-        # The save's identifier where both files have one (a pair of files saved before it was kept: the fingerprint)
-        if stamp.get("fingerprint") != meta["fingerprint"] or stamp.get("save_id") != meta.get("save_id"):
-            raise ValueError(
-                f"{folder}: {INDEX_WEIGHTS} and {INDEX_META} come from different builds (interrupted save?); rebuild"
-            )
-        float16_fingerprint = meta.get("float16_fingerprint")  # absent from indexes saved before it was kept
-        if model is not None:
-            match, current = _matches(model, meta["fingerprint"], float16_fingerprint)
-            if not match:
-                raise StaleIndexError(f"the entity index in {folder} "
-                                      + _stale_message(model, meta["fingerprint"], float16_fingerprint, current))
         if device is None:
             device = model.device if model is not None else "cpu"
+        # One open handle for the stamp and the tensors: a save renaming new files into place meanwhile cannot hand
+        # this load new weights under the metadata just checked (the open file stays the one whose stamp was read).
         try:
-            tensors = load_file(weights_path, device=str(device))
-        except SafetensorError as error:
+            with safe_open(weights_path, framework="pt", device=str(device)) as f:
+                stamp = f.metadata() or {}
+                # The save's identifier where both files have one (a pair saved before it was kept: the fingerprint)
+                if stamp.get("fingerprint") != meta["fingerprint"] or stamp.get("save_id") != meta.get("save_id"):
+                    raise ValueError(f"{folder}: {INDEX_WEIGHTS} and {INDEX_META} come from different builds "
+                                     "(interrupted or concurrent save?); rebuild, or load again")
+                float16_fingerprint = meta.get("float16_fingerprint")  # absent from indexes saved before it was kept
+                if model is not None:
+                    match, current = _matches(model, meta["fingerprint"], float16_fingerprint)
+                    if not match:
+                        why = _stale_message(model, meta["fingerprint"], float16_fingerprint, current)
+                        raise StaleIndexError(f"the entity index in {folder} {why}")
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (a safetensors handle)
+        except SafetensorError as error:  # a truncated or damaged file
             raise ValueError(f"{weights_path}: cannot be read ({_one_line(error)}); rebuild the index") from None
         if dtype is not None:
             for name in list(tensors):  # one tensor at a time: each saved tensor is freed once converted

@@ -7,9 +7,10 @@ import shutil
 import warnings
 from collections.abc import Mapping
 
+import torch
 from transformers import Pipeline
 
-from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, check_candidates
+from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, check_candidates, model_fingerprint
 
 TASK = "multimodal-entity-linking"
 ENTITIES_FILE = "entities.jsonl"  # the KB's metadata, one entity a line, in the JSON Lines benchmark layout
@@ -351,7 +352,13 @@ class M3ELEntityLinkingPipeline(Pipeline):
         custom_object_save(self, save_directory)  # this file and the files it imports relatively
         self.model.save_pretrained(save_directory, **kwargs)
         self.processor.save_pretrained(save_directory)
-        self.index.save(save_directory)
+        index = self.index
+        if {p.dtype for p in self.model.parameters()} & {torch.float16, torch.bfloat16}:
+            # The checkpoint is saved in half precision, so loaded again (in any dtype) its weights are these: the
+            # index, accepted for this model, is stamped with this model's fingerprints.
+            index = EntityIndex(index.tensors, index.entity_ids, model_fingerprint(self.model),
+                                model_fingerprint(self.model, torch.float16))
+        index.save(save_directory)
         if self.entities:
             records = [self.entities[i] for i in self.index.entity_ids if i in self.entities]
             save_entities(save_directory, records)

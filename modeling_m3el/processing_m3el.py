@@ -94,7 +94,7 @@ class M3ELProcessor(ProcessorMixin):
                 raise ValueError("an empty string is not an image (None means no image)")
             if text.startswith("data:"):  # a data URL: data:[<media type>][;base64],<data>
                 header, comma, data = text.partition(",")
-                if not comma or not header.endswith(";base64"):
+                if not comma or not header.lower().endswith(";base64"):
                     raise ValueError("a data URL of an image must be base64-encoded (data:image/...;base64,...)")
                 try:
                     return _open_bytes(_decode_base64(data))
@@ -106,7 +106,10 @@ class M3ELProcessor(ProcessorMixin):
                 data = _decode_base64(text)
             except (binascii.Error, ValueError):
                 raise FileNotFoundError(f"no such image file: {text}") from None
-            return _open_bytes(data)
+            try:
+                return _open_bytes(data)
+            except UnidentifiedImageError:  # a mistyped path can happen to be valid base64 ("cat-1234")
+                raise FileNotFoundError(f"no such image file: {text} (nor base64 of an image)") from None
         raise TypeError(f"unsupported image type {type(image).__name__}")
 
     def load_image(self, image, name: str | None = None) -> tuple[torch.Tensor, bool]:

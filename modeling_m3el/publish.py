@@ -82,7 +82,7 @@ def build_hub_folder(
         num_workers: threads reading the KB's images ahead of the model (`EntityIndex.build`).
     """
     from . import M3ELModel, M3ELProcessor
-    from .data import load_benchmark
+    from .data import MissingSplitError, load_benchmark
     from .evaluation import index_rows
     from .index_m3el import EntityIndex
     from .model_card import DEMO_DATASET, EXAMPLES_FILE, write_model_card
@@ -110,9 +110,12 @@ def build_hub_folder(
     # 1. The model, and the KB's entities with the test mentions the examples come from.
     model = M3ELModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = M3ELProcessor.from_pretrained(model_dir)
-    # Every split the folder has (a missing one is no error; a broken one is): the examples come from the test split,
-    # and a KB without one gets none.
-    benchmark = load_benchmark(data_dir)
+    # The KB, and the test split the examples come from: a folder without one gets no examples (a broken one is an
+    # error, not skipped).
+    try:
+        benchmark = load_benchmark(data_dir, splits=["test"])
+    except MissingSplitError:
+        benchmark = load_benchmark(data_dir, splits=[])
     dataset_name = DEMO_DATASET if os.path.isfile(os.path.join(data_dir, "demo_manifest.json")) else benchmark.name
 
     temporary = output_dir.rstrip("/") + ".tmp"

@@ -251,6 +251,11 @@ def test_factory_dtype_and_device_then_save_pretrained(hub_folder, test_mentions
     assert [[(e["id"], e["score"]) for e in r] for r in reloaded] == pairs
     images = [e["image"] for r in reloaded for e in r if e["image"] is not None]
     assert images and all(image.startswith(str(tmp_path / "saved")) and os.path.isfile(image) for image in images)
+    # Saved in half precision, the checkpoint's weights are those: its index serves them in every dtype.
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    for reload_dtype in (other, torch.float32):
+        assert pipeline(TASK, model=str(tmp_path / "saved"), trust_remote_code=True, dtype=reload_dtype,
+                        device="cpu")(mentions[0], top_k=1)[0]["id"] == result[0][0]["id"]
 
 
 def test_errors_name_the_input_and_numpy_integers_count(linker, test_mentions, tmp_path):

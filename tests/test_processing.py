@@ -228,6 +228,7 @@ def test_every_form_of_base64_and_data_url_gives_the_same_pixels(processor, tmp_
         base64.urlsafe_b64encode(data).decode(),
         "data:application/octet-stream;base64," + standard,
         "data:;base64," + standard,
+        "data:image/png;BASE64," + standard,
     ]
     for form in forms:
         pixels, readable = processor.load_image(form)
@@ -240,6 +241,7 @@ def test_every_form_of_base64_and_data_url_gives_the_same_pixels(processor, tmp_
             ("data:,hosts", "must be base64-encoded"),
             ("data:image/png;base64,%%%", "not valid base64"),
             ("", "an empty string is not an image"),
+            ("cat-1234", "no such image file: cat-1234 (nor base64 of an image)"),
             (b"garbage", "not an image format PIL reads (7 bytes)"),
         ]:
             pixels, readable = processor.load_image(bad)

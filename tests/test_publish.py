@@ -192,3 +192,23 @@ def test_export_and_push_check_their_counts_first(tmp_path):
             main([*command, "--examples", "-1"])
         with pytest.raises(SystemExit, match="--num-workers must be 0 or a positive integer, got -2"):
             main([*command, "--num-workers", "-2"])
+
+
+def test_export_needs_the_kb_only_and_takes_examples_from_a_test_split_if_any(demo_run, demo_data, tmp_path):
+    """A release-layout folder with only its KB and test split publishes with examples; without the test split,
+    without; a damaged test split is an error, not skipped."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    for split in ("train", "dev"):
+        (data / f"WIKIMEL_{split}.json").unlink()
+    folder = Path(build_hub_folder(demo_run, tmp_path / "with_test", data_dir=str(data), repo_id="me/m3el-demo"))
+    assert len((folder / "examples.jsonl").read_text().splitlines()) == 3
+    test_file = data / "WIKIMEL_test.json"
+    test_file.write_bytes(b"[\xff")
+    from modeling_m3el.data import MELDataError
+
+    with pytest.raises(MELDataError, match="WIKIMEL_test.json.*not UTF-8"):
+        build_hub_folder(demo_run, tmp_path / "broken", data_dir=str(data), repo_id="me/m3el-demo")
+    test_file.unlink()
+    folder = Path(build_hub_folder(demo_run, tmp_path / "kb_only", data_dir=str(data), repo_id="me/m3el-demo"))
+    assert not (folder / "examples.jsonl").exists() and (folder / "entity_index.json").is_file()

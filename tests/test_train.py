@@ -305,3 +305,25 @@ def test_the_collator_counts_the_images_it_cannot_read(demo, tmp_path):
     assert batch["num_unreadable_images"] == len(unreadable) >= 1
     assert any(train[with_image[0]]["image"] in str(w.message) for w in unreadable)
     assert not batch["has_image"][0] and batch["has_image"][1:].all()
+
+
+def test_a_new_run_refuses_an_earlier_runs_log_unless_overwriting(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from train_accelerate import TrainingConfig, start_output_dir
+    finally:
+        del sys.path[0]
+
+    class OneProcess:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+    (tmp_path / "log.jsonl").write_text('{"step": 3, "train/loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"holds the log of an earlier run \(log.jsonl\): start over with "):
+        start_output_dir(OneProcess(), TrainingConfig(output_dir=str(tmp_path)))
+    start_output_dir(OneProcess(), TrainingConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest"))
+    assert (tmp_path / "log.jsonl").exists()  # resuming keeps it
+    start_output_dir(OneProcess(), TrainingConfig(output_dir=str(tmp_path), overwrite_output_dir=True))
+    assert not (tmp_path / "log.jsonl").exists()
