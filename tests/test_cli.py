@@ -124,7 +124,8 @@ def test_a_missing_or_broken_index_is_one_line(saved, tmp_path, capsys):
     index.save(tmp_path / "index")
     meta = json.loads((tmp_path / "index" / "entity_index.json").read_text())
     (tmp_path / "index" / "entity_index.json").write_text(json.dumps(dict(meta, save_id="0" * 32)))
-    with pytest.raises(SystemExit, match=r"^error: --index: .*come from different builds \(interrupted or concurrent save\?\)"):
+    different = r"^error: --index: .*come from different builds \(interrupted or concurrent save\?\)"
+    with pytest.raises(SystemExit, match=different):
         main(["link", "--model", str(root / "model"), "--mention", "bank", "--sentence", "x", "--index",
               str(tmp_path / "index")])
     # through the command line: status 1, one line
