@@ -590,7 +590,7 @@ def main(argv=None):
         batch_sampler.set_epoch(state.epoch)
         collator.epoch = state.epoch
         share.skip = state.step_in_epoch
-        batches_in_epoch = len(batch_sampler)
+        batches_in_epoch, accumulation = len(batch_sampler), config.gradient_accumulation_steps
         running, count, unreadable, started = 0.0, 0, 0, time.time()
         for batch in loader:
             unreadable += batch.pop("num_unreadable_images")
@@ -598,7 +598,6 @@ def main(argv=None):
             state.step_in_epoch += 1
             # An optimiser step every `gradient_accumulation_steps` batches and after the epoch's last one: no gradient
             # is carried into the next epoch, nor left out of the checkpoint taken at the epoch's end.
-            accumulation = config.gradient_accumulation_steps
             step_now = state.step_in_epoch % accumulation == 0 or state.step_in_epoch == batches_in_epoch
             # The step averages its group's batches: the epoch's last group may be shorter than `accumulation`.
             group_start = (state.step_in_epoch - 1) // accumulation * accumulation

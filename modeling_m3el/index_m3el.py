@@ -343,7 +343,7 @@ class EntityIndex:
         rows = _Rows(num_entities, dtype, device)
         for start in range(0, num_entities, step):
             rows.add(model, M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()}))
-        return cls(rows.result(), [str(e) for e in entity_ids], **fingerprint.result())
+        return cls(rows.result(), entity_ids, **fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -381,7 +381,7 @@ class EntityIndex:
         for start in batches:
             batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
             rows.add(model, model.encode(**batch, side="entity"))
-        return cls(rows.result(), [str(e) for e in entity_ids], **fingerprint.result())
+        return cls(rows.result(), entity_ids, **fingerprint.result())
 
     @classmethod
     @torch.no_grad()
@@ -439,7 +439,7 @@ class EntityIndex:
         if world > 1:
             tensors = {name: gather_shares(accelerator, t, share, len(entities)) for name, t in tensors.items()}
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return cls(tensors, [str(e["id"]) for e in entities], **fingerprint.result())
+        return cls(tensors, [e["id"] for e in entities], **fingerprint.result())
 
     # --------------------------------------------------------------------------------------------- save/load
 
