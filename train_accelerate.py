@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.checkpointing import save_custom_state
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -303,6 +304,10 @@ class TrainingState:
     best_epoch: int = -1
     evaluations_without_improvement: int = 0
     history: list = field(default_factory=list)
+    # The finished epoch whose dev evaluation is owed (-1: none). The epoch's checkpoint is taken before its
+    # evaluation, so a crash or kill during the evaluation (an out-of-memory error, say) loses no training: the
+    # resumed run evaluates first. The evaluation's outcome then replaces this state in that checkpoint.
+    eval_due: int = -1
 
     def state_dict(self):
         return dataclasses.asdict(self)
@@ -376,14 +381,40 @@ def start_output_dir(accelerator, config: TrainingConfig) -> None:
     accelerator.wait_for_everyone()
 
 
-def trim_log(output_dir: str, global_step: int) -> None:
-    """Keep the log's rows up to the resumed checkpoint's step (their work is in it), and no test rows."""
+def save_training_state(accelerator, config: TrainingConfig, state: TrainingState) -> None:
+    """
+    Replace the training state in the checkpoint of `state.global_step` (taken before a dev evaluation) by `state`,
+    atomically: written beside it, then renamed over it. Model, optimiser and RNG states are left as they are: an
+    evaluation does not change them. `state` is the only object registered for checkpointing: Accelerate keeps it
+    as `custom_checkpoint_0.pkl`.
+    """
+    if accelerator.is_main_process:
+        folder = os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step:08d}")
+        temporary = folder + ".state.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+        save_custom_state(state, temporary, 0)
+        os.replace(os.path.join(temporary, "custom_checkpoint_0.pkl"), os.path.join(folder, "custom_checkpoint_0.pkl"))
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+
+
+def trim_log(output_dir: str, global_step: int, eval_due: bool = False) -> None:
+    """
+    Keep the log's rows up to the resumed checkpoint's step (their work is in it), and no test rows; with `eval_due`
+    (the checkpoint's dev evaluation did not finish), no dev rows of its step either: the evaluation is redone.
+    """
     path = os.path.join(output_dir, "log.jsonl")
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    kept = [row for row in rows if row["step"] <= global_step and not any(key.startswith("test/") for key in row)]
+
+    def redone(row):
+        return row["step"] > global_step or any(key.startswith("test/") for key in row) or (
+            eval_due and row["step"] == global_step and any(key.startswith("val/") for key in row))
+
+    kept = [row for row in rows if not redone(row)]
     if len(kept) != len(rows):
         with open(f"{path}.tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in kept)
@@ -556,9 +587,10 @@ def main(argv=None):
                                  f"processes, this run's are {global_batch}: resume on as many processes as it was "
                                  "trained on")
             if accelerator.is_main_process:  # the log's rows of the work lost since the checkpoint
-                trim_log(config.output_dir, state.global_step)
-            logger.info("Resumed from %s: epoch %d, batch %d, step %d", path, state.epoch, state.step_in_epoch,
-                        state.global_step)
+                trim_log(config.output_dir, state.global_step, eval_due=state.eval_due >= 0)
+            logger.info("Resumed from %s: epoch %d, batch %d, step %d%s", path, state.epoch, state.step_in_epoch,
+                        state.global_step, f" (epoch {state.eval_due}'s dev evaluation first)"
+                        if state.eval_due >= 0 else "")
 
     # 6. Banner.
     left_out = batch_sampler.left_out
@@ -579,14 +611,34 @@ def main(argv=None):
 
     # 7. Train, evaluating on dev every few epochs, keeping the best model by dev MRR.
     best_dir = os.path.join(config.output_dir, "best_model")
-    # A resumed run that had already stopped early (or reached max_train_steps) goes straight to the test.
+    # A resumed run that had already stopped early (or reached max_train_steps) goes straight to the test, after
+    # the dev evaluation its checkpoint still owes, if any.
     stop = state.evaluations_without_improvement >= config.early_stopping_patience or bool(
         config.max_train_steps and state.global_step >= config.max_train_steps
     )
     progress = tqdm(total=config.num_epochs * steps_per_epoch, initial=state.global_step, desc="Training",
                     disable=not accelerator.is_local_main_process)
     model.train()
-    while state.epoch < config.num_epochs and not stop:
+    while True:
+        if state.eval_due >= 0:
+            epoch = state.eval_due
+            metrics = evaluate_split(accelerator, unwrapped, processor, benchmark, "dev", config)
+            log_metrics(accelerator, config, {f"val/{k}": v for k, v in metrics.items()}, state.global_step)
+            logger.info("epoch %d: dev %s", epoch, _format(metrics))
+            state.history.append({"epoch": epoch, "step": state.global_step, **metrics})
+            if metrics["mrr"] > state.best_mrr:
+                state.best_mrr, state.best_epoch, state.evaluations_without_improvement = metrics["mrr"], epoch, 0
+                if accelerator.is_main_process:
+                    save_model_folder(merge_lora_copy(unwrapped, config), processor, best_dir)
+            else:
+                state.evaluations_without_improvement += 1
+                if state.evaluations_without_improvement >= config.early_stopping_patience:
+                    logger.info("No better dev MRR in %d evaluations: stopping", config.early_stopping_patience)
+                    stop = True
+            state.eval_due = -1
+            save_training_state(accelerator, config, state)
+        if stop or state.epoch >= config.num_epochs:
+            break
         batch_sampler.set_epoch(state.epoch)
         collator.epoch = state.epoch
         share.skip = state.step_in_epoch
@@ -631,19 +683,7 @@ def main(argv=None):
         if state.step_in_epoch >= batches_in_epoch:  # (max_train_steps can stop it part way: resumed from there)
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if (finished_epoch + 1) % config.eval_every_epochs == 0 or state.epoch == config.num_epochs or stop:
-            metrics = evaluate_split(accelerator, unwrapped, processor, benchmark, "dev", config)
-            log_metrics(accelerator, config, {f"val/{k}": v for k, v in metrics.items()}, state.global_step)
-            logger.info("epoch %d: dev %s", finished_epoch, _format(metrics))
-            state.history.append({"epoch": finished_epoch, "step": state.global_step, **metrics})
-            if metrics["mrr"] > state.best_mrr:
-                state.best_mrr, state.best_epoch, state.evaluations_without_improvement = metrics["mrr"], finished_epoch, 0
-                if accelerator.is_main_process:
-                    save_model_folder(merge_lora_copy(unwrapped, config), processor, best_dir)
-            else:
-                state.evaluations_without_improvement += 1
-                if state.evaluations_without_improvement >= config.early_stopping_patience:
-                    logger.info("No better dev MRR in %d evaluations: stopping", config.early_stopping_patience)
-                    stop = True
+            state.eval_due = finished_epoch  # (done at the loop's top, once this checkpoint holds the epoch's work)
         save_checkpoint(accelerator, config, state)
     progress.close()
     accelerator.wait_for_everyone()

@@ -93,11 +93,31 @@ def test_two_processes_train_like_one_with_the_doubled_batch(demo, tmp_path):
     assert loss["two"] == pytest.approx(loss["one"], rel=1e-5)
 
 
-def test_killed_run_resumes_to_the_same_result(demo, tmp_path):
-    args = ["--dataset_dir", demo, "--num_epochs", "3", "--eval_every_epochs", "1", "--checkpointing_steps", "4",
+def _resume_args(demo):
+    return ["--dataset_dir", demo, "--num_epochs", "3", "--eval_every_epochs", "1", "--checkpointing_steps", "4",
             *SMALL]
-    launch([*args, "--output_dir", str(tmp_path / "straight")])
 
+
+@pytest.fixture(scope="module")
+def straight(demo, tmp_path_factory):
+    """An uninterrupted run, which killed or crashed runs must resume to."""
+    out = tmp_path_factory.mktemp("straight")
+    launch([*_resume_args(demo), "--output_dir", str(out)])
+    return out
+
+
+def _assert_same_result(resumed: Path, straight: Path):
+    expected, weights = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" /
+                                                                                       "model.safetensors")
+    assert expected.keys() == weights.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    assert json.loads((resumed / "test_results.json").read_text()) == json.loads(
+        (straight / "test_results.json").read_text())
+
+
+def test_killed_run_resumes_to_the_same_result(demo, straight, tmp_path):
+    args = _resume_args(demo)
     killed = tmp_path / "killed"
     process = launch([*args, "--output_dir", str(killed)], wait=False)
     deadline = time.time() + 600
@@ -109,15 +129,49 @@ def test_killed_run_resumes_to_the_same_result(demo, tmp_path):
     process.wait()
     assert not (killed / "model").exists()
     launch([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    _assert_same_result(killed, straight)
 
-    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
-    resumed = load_file(killed / "model" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name, tensor in straight.items():
-        assert torch.equal(resumed[name], tensor), name
-    assert json.loads((killed / "test_results.json").read_text()) == json.loads(
-        (tmp_path / "straight" / "test_results.json").read_text()
-    )
+
+# train_accelerate.py with its dev evaluation failing on the epoch given as the first argument.
+FAILING_EVALUATION = """
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import train_accelerate
+
+real, failing_epoch = train_accelerate.evaluate_split, int(sys.argv.pop(1))
+calls = []
+
+def evaluate_split(accelerator, model, processor, benchmark, split, config):
+    calls.append(split)
+    if split == "dev" and calls.count("dev") == failing_epoch + 1:
+        raise RuntimeError("simulated out-of-memory error in the dev evaluation")
+    return real(accelerator, model, processor, benchmark, split, config)
+
+train_accelerate.evaluate_split = evaluate_split
+train_accelerate.main(sys.argv[1:])
+"""
+
+
+def test_a_run_failing_in_its_dev_evaluation_keeps_the_epoch_and_resumes_to_the_same_result(demo, straight, tmp_path):
+    """The epoch's checkpoint is taken before its dev evaluation: a run failing there (out of memory, say) loses no
+    training; resumed, it evaluates that epoch first, logs its dev metrics once, and ends as the uninterrupted run."""
+    crashed = tmp_path / "crashed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-c", FAILING_EVALUATION, str(ROOT), "1", *_resume_args(demo),
+                             "--output_dir", str(crashed)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "simulated out-of-memory error" in result.stderr, result.stderr[-3000:]
+    # 12 batches an epoch: epoch 1 ended at step 24, and its checkpoint holds it, its evaluation owed.
+    assert [path.name for path in sorted((crashed / "checkpoints").iterdir())] == ["step_00000020", "step_00000024"]
+    state = torch.load(crashed / "checkpoints" / "step_00000024" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert state["eval_due"] == 1 and [row["epoch"] for row in state["history"]] == [0]
+    (crashed / "log.jsonl").open("a").write('{"step": 24, "val/mrr": 0.5}\n')  # as if it died just after logging
+    launch([*_resume_args(demo), "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"])
+    _assert_same_result(crashed, straight)
+    # Its log is the uninterrupted run's, but for the times: every dev evaluation once, the simulated row dropped.
+    timeless = [[{k: v for k, v in json.loads(line).items() if k != "train/seconds"}
+                 for line in (run / "log.jsonl").read_text().splitlines()] for run in (crashed, straight)]
+    assert timeless[0] == timeless[1]
+    assert [row["step"] for row in timeless[0] if "val/mrr" in row] == [12, 24, 36]
 
 
 def test_lora_run_exports_merged_weights(demo, tmp_path):
