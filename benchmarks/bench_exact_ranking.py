@@ -44,7 +44,7 @@ from modeling_m3el.index_m3el import EntityIndex
 
 
 def naive_intra_modal(block, mention_cls, mention_tokens, entity_cls, entity_tokens):
-    """SPEC 4.1 the straightforward way: the (E, B, Lx, Lx) attention and the (E, B, Lx, d) context materialised."""
+    """G2L the straightforward way: the (E, B, Lx, Lx) attention and the (E, B, Lx, d) context materialised."""
     global_to_global = mention_cls @ entity_cls.T  # (B, E)
     query = block.query(entity_tokens)  # (E, Lx, d)
     key, value = block.key(mention_tokens), block.value(mention_tokens)  # (B, Lx, d)

@@ -1,4 +1,4 @@
-"""Training throughput: M3EL's full training step (both CLIP passes, the matching network, the SPEC 4.3 loss,
+"""Training throughput: M3EL's full training step (both CLIP passes, the matching network, the training loss,
 backward, AdamW) on random inputs, in float32 and under bf16 autocast, with optional speed-ups (fused AdamW,
 torch.compile, TF32) and activation checkpointing: mentions/s and peak memory (on a GPU, the allocator's peak over the
 timed steps; on the CPU, the peak of one step's allocations above what was held before it, from the profiler's

@@ -1,9 +1,9 @@
 """Convert a checkpoint of the authors' M3EL code (their Lightning `LightningForM3EL`) into a Hub-ready M3EL folder.
 
 The authors' checkpoint holds `state_dict` with `encoder.*` (`M3ELEncoder`: the CLIP model and two linear maps) and
-`matcher.*` (`M3ELMatcher`: the matching network, plus modules that are built but never used in the forward pass).
-SPEC section 8 lists them. Every weight the model needs is mapped by name, checked for shape and loaded strictly;
-the unused modules are dropped and listed; anything else is refused.
+`matcher.*` (`M3ELMatcher`: the matching network, plus modules that are built but never used in the forward pass:
+`UNUSED_MODULES` below lists them). Every weight the model needs is mapped by name, checked for shape and loaded
+strictly; the unused modules are dropped and listed; anything else is refused.
 
     python -m modeling_m3el.convert_official_checkpoint \\
         --checkpoint epoch=11-step=2268.ckpt --clip openai/clip-vit-base-patch32 \\

@@ -1,4 +1,4 @@
-"""Ranking evaluation (SPEC 6): gold-entity ranks of a split against the whole KB, and the metrics over them."""
+"""Ranking evaluation: gold-entity ranks of a split against the whole KB, and the metrics over them."""
 
 import numbers
 import os

@@ -1,5 +1,5 @@
 """
-A fused Triton kernel for M3EL's global-to-local (G2L) scores of every (mention, entity) pair of a grid (SPEC 4.1).
+A fused Triton kernel for M3EL's global-to-local (G2L) scores of every (mention, entity) pair of a grid.
 
 For one pair it computes, without writing anything but the final score:
 `g2l[b, e] = <c_e, LN(mean_i softmax_j(Q_e[i] . K_b[j]) U_b)>`, the keys already scaled by 1/sqrt(d). A program

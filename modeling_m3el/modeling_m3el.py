@@ -16,9 +16,9 @@ from .kernels_m3el import fused_g2l_wanted, try_fused_global_to_local
 CSRA_MAX_TEMPERATURE = 99.0  # CSRA's convention, kept by the authors: this temperature means max pooling
 
 # The parts of the final score that are dot products of vectors computed for each side alone, as (branch, name of
-# the prepared vector, weight inside the branch): the G2G halves of the intra-modal branches (SPEC 4.1: (g2g + g2l)
-# / 2) and the cross-modal scores (SPEC 4.2). The final score averages the branches (SPEC 4.3), so each weight is
-# further divided by the number of branches. A model has those of its enabled branches (`prepare_*` outputs hold
+# the prepared vector, weight inside the branch): the G2G halves of the intra-modal branches (a branch scores
+# (g2g + g2l) / 2) and the cross-modal scores. The final score averages the branches, so each weight is further
+# divided by the number of branches. A model has those of its enabled branches (`prepare_*` outputs hold
 # no others). The score bounds, the estimate and two-stage retrieval's vectors all read this one table.
 DOT_PRODUCT_PARTS = (
     ("text", "embeds", 0.5),
@@ -31,7 +31,7 @@ DOT_PRODUCT_PARTS = (
 @dataclass
 class M3ELFeatures(ModelOutput):
     """
-    Features of one side (mentions or entities), SPEC section 2. Nothing here depends on the other side.
+    Features of one side (mentions or entities), from the shared CLIP. Nothing here depends on the other side.
 
     Args:
         text_embeds (`torch.FloatTensor` of shape `(n, P)`):
@@ -82,7 +82,7 @@ class M3ELOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
-            SPEC 4.3 objective on an aligned batch (entity `i` is the gold entity of mention `i`):
+            the training objective on an aligned batch (entity `i` is the gold entity of mention `i`):
             cross-entropy of the final score, plus that of every branch score, plus the ICL loss.
         logits (`torch.FloatTensor` of shape `(B, E)`):
             Final score of every mention against every entity.
@@ -121,7 +121,7 @@ def intra_modal_contrastive_loss(
     offset: int = 0,
 ) -> torch.Tensor:
     """
-    ICL of one modality (SPEC 3), on an aligned batch: row `i` of both inputs is a gold pair.
+    Intra-modal contrastive learning (ICL) of one modality, on an aligned batch: row `i` of both inputs is a gold pair.
 
     Entity-anchored logits of row `i` are `[w_inter * e_i m^T, w_intra * e_i e^T] / tau`, the self-similarity
     multiplied by 0 (so it stays in the softmax, as in the authors' code); mention-anchored logits likewise.
@@ -177,7 +177,7 @@ def _distributed_world() -> tuple[int, int]:
 
 
 class M3ELIntraModalMatching(nn.Module):
-    """Global-to-global plus global-to-local matching within one modality (SPEC 4.1)."""
+    """Global-to-global plus global-to-local matching within one modality (intra-modal matching)."""
 
     def __init__(self, config: M3ELConfig, global_dim: int, token_dim: int):
         super().__init__()
@@ -216,7 +216,7 @@ class M3ELIntraModalMatching(nn.Module):
         candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
-        G2L scores (SPEC 4.1): `<c_e, LN(mean_i softmax_j(Q_e K_b^T / sqrt(d)) U_b)>`, for every (mention, entity)
+        G2L scores: `<c_e, LN(mean_i softmax_j(Q_e K_b^T / sqrt(d)) U_b)>`, for every (mention, entity)
         pair (`entity["query"]` of shape (E, Lx, d) -> (B, E)) or for each mention's own candidates
         (`entity["query"]` of shape (B, K, Lx, d) -> (B, K)).
 
@@ -245,7 +245,8 @@ class M3ELIntraModalMatching(nn.Module):
             return _listed(self.global_to_local(mention, entity), candidates)
         if query.dim() == 3:
             num_entities, num_entity_tokens, _ = query.shape
-            # Every entity token attends over every mention token, in one matmul; no padding mask (SPEC 4.1).
+            # Every entity token attends over every mention token, in one matmul; no padding mask (as in the authors'
+            # model).
             attention = query.reshape(-1, d) @ key.reshape(-1, d).T  # (E*Lx, B*Lx)
             attention = attention.view(num_entities, num_entity_tokens, num_mentions, num_mention_tokens)
             attention = attention.softmax(dim=-1)
@@ -470,7 +471,7 @@ class M3ELMultiHeadPooling(nn.Module):
 
 class M3ELCrossModalMatching(nn.Module):
     """
-    Cross-modal matching (SPEC 4.2). Each side's vectors depend on that side alone; the scores are dot products.
+    Cross-modal matching. Each side's vectors depend on that side alone; the scores are dot products.
 
     `text_to_image` mode: textual-to-visual only, its two attended views fused by a learned gate.
     `bidirectional` mode: textual-to-visual and visual-to-textual through one shared block, without fusion.
@@ -627,7 +628,7 @@ class M3ELModel(M3ELPreTrainedModel):
         side: str = "mention",
     ) -> M3ELFeatures:
         """
-        SPEC section 2: one CLIP pass over texts and images of one side (mentions and entities share everything).
+        One CLIP pass over texts and images of one side (mentions and entities share everything).
 
         Args:
             input_ids (`torch.LongTensor` of shape `(n, L)`): texts padded to `config.text_max_length`.
@@ -654,7 +655,7 @@ class M3ELModel(M3ELPreTrainedModel):
     # ----------------------------------------------------------------------------------------------- scoring
 
     def _normalized(self, features: M3ELFeatures) -> M3ELFeatures:
-        """The four LayerNorms of SPEC 4, shared by mentions and entities."""
+        """The four LayerNorms of the matching network, shared by mentions and entities."""
         return M3ELFeatures(
             text_embeds=self.text_embeds_norm(features.text_embeds),
             text_tokens=self.text_tokens_norm(features.text_tokens),
@@ -833,7 +834,7 @@ class M3ELModel(M3ELPreTrainedModel):
         self, mention_features: M3ELFeatures, entity_features: M3ELFeatures, entity_chunk_size: int | None = None
     ) -> M3ELScores:
         """
-        Score every mention against every entity from features made by `encode` (SPEC 4). Entities are scored
+        Score every mention against every entity from features made by `encode`. Entities are scored
         `entity_chunk_size` at a time when given, which bounds memory for large KBs without changing the result.
         """
         _check_features(mention_features, "mention_features")
@@ -862,7 +863,8 @@ class M3ELModel(M3ELPreTrainedModel):
         offset: int = 0,
     ) -> torch.Tensor:
         """
-        SPEC 3: ICL on the raw text and image vectors (before any LayerNorm), averaged over the two modalities.
+        Intra-modal contrastive learning (ICL) on the raw text and image vectors (before any LayerNorm), averaged over
+        the two modalities.
         `all_*` and `offset`: the global batch when negatives are gathered from several processes.
         """
         args = (self.config.icl_tau, self.config.icl_inter_weight, self.config.icl_intra_weight)
@@ -882,8 +884,8 @@ class M3ELModel(M3ELPreTrainedModel):
 
     def loss(self, scores: M3ELScores, icl_loss: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
         """
-        SPEC 4.3 on an aligned batch (the gold entity of mention `i` is entity `offset + i`, every other entity is
-        an in-batch negative): CE of the final score plus CE of every branch score plus ICL, each with weight 1.
+        The training loss on an aligned batch (the gold entity of mention `i` is entity `offset + i`, every other entity
+        is an in-batch negative): CE of the final score plus CE of every branch score plus ICL, each with weight 1.
         """
         labels = torch.arange(offset, offset + scores.logits.shape[0], device=scores.logits.device)
         loss = sum(F.cross_entropy(_at_least_float32(logits), labels) for logits in scores.values())

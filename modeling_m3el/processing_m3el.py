@@ -19,7 +19,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 class M3ELProcessor(ProcessorMixin):
     r"""
-    Builds M3EL inputs (SPEC section 1) with a CLIP tokenizer and a CLIP image processor.
+    Builds M3EL inputs (a text and an optional image per mention or entity) with a CLIP tokenizer and a CLIP image processor.
 
     - Mention text: `unquote(mention) + separator + sentence`; entity text: `unquote(name) + separator + description`;
       tokenized, truncated and padded to exactly `text_max_length` tokens (the model does not mask padding).
