@@ -597,8 +597,9 @@ def main(argv=None):
     if left_out > 0.05 * len(train) and accelerator.is_main_process:
         logger.warning(
             "%d of the %d training mentions (%.0f%%) are left out of each epoch (others each time): a batch never "
-            "holds two mentions of one gold entity, and at an epoch's end too few different gold entities remain to "
-            "fill one; a smaller batch leaves fewer out", left_out, len(train), 100 * left_out / len(train))
+            "holds two mentions of one gold entity, so an entity's mentions beyond the epoch's %d batches cannot be "
+            "placed (and a few others, to keep every batch full); a smaller batch usually leaves fewer out", left_out,
+            len(train), 100 * left_out / len(train), len(batch_sampler))
     effective = per_device * world * config.gradient_accumulation_steps
     logger.info("***** Training M3EL *****")
     logger.info("  dataset: %s, %d train mentions (%d in each epoch's batches), %d entities", benchmark.name,

@@ -93,7 +93,7 @@ class MELSplitReport:
 
     file: str
     mentions: int = 0  # kept: gold entity in the KB
-    nil_dropped: int = 0  # answer nil: no gold entity in the KB, left out (SPEC 6)
+    nil_dropped: int = 0  # answer nil: no gold entity in the KB, left out, as in the authors' evaluation
     without_image: int = 0  # kept mentions with no image: none given, or its file is missing
     missing_images: int = 0  # image given but no such file (counted in without_image too)
     missing_image_examples: list[str] = field(default_factory=list)
@@ -586,7 +586,7 @@ _TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", type(None): "
 
 
 def entity_image(images: Sequence[str], training: bool, generator: torch.Generator | None = None) -> str | None:
-    """SPEC 1: a random one of the entity's images in training, the first one in evaluation; None without images."""
+    """A random one of the entity's images in training, the first one in evaluation; None without images."""
     if not images:
         return None
     if not training:
@@ -643,17 +643,25 @@ class UniqueGoldBatchSampler(torch.utils.data.Sampler):
     """
     Batches of mention indices in which no gold entity appears twice: with in-batch negatives, a second mention of
     the same entity would make that entity a negative of its own mention (a false negative). Shuffled each epoch
-    (`set_epoch`), deterministic given `seed` and the epoch, every mention at most once per epoch: exactly once
-    without `drop_last`; with it, the mentions of the short batches at the epoch's end are left out (`left_out` counts
-    them; other mentions each epoch). Many mentions of one entity need as many batches: the more the answers are
-    concentrated on few entities, the more are left out.
+    (`set_epoch`), deterministic given `seed` and the epoch (the same plan on every process), every mention at most
+    once per epoch.
+
+    Without `drop_last` every mention is in exactly one batch; the batches are full except the last ones of the
+    epoch, which are short when too few different gold entities are left to fill them.
+
+    With `drop_last` every batch is full, and there are as many as can be: the largest `b` such that the golds'
+    mention counts, each capped at `b`, add up to `b * batch_size` or more (an entity can be in each of `b` batches
+    once). `b` is the same every epoch (`len`). `left_out` mentions (`len(answers) - b * batch_size`, the fewest
+    possible) are in none of the epoch's batches: of an entity with more than `b` mentions, all but `b` of them, and
+    as many others as it takes to leave exactly `b * batch_size`; which ones is drawn at random each epoch. So other
+    mentions are left out each epoch, but as many: the more the answers are concentrated on few entities, and the
+    larger the batch, the more they tend to be.
 
     Args:
         answers (`Sequence[Hashable]`): the gold entity id of each mention (e.g. `benchmark.splits["train"]["answer"]`).
         batch_size (`int`): mentions per batch.
         seed (`int`, *optional*, defaults to 0): the shuffle's seed (the same on every process).
-        drop_last (`bool`, *optional*, defaults to `False`): drop the batches shorter than `batch_size`; they come
-            only at the end of an epoch, once the shuffled order is used up.
+        drop_last (`bool`, *optional*, defaults to `False`): only full batches, as many as can be (see above).
     """
 
     def __init__(self, answers: Sequence[Hashable], batch_size: int, seed: int = 0, drop_last: bool = False):
@@ -665,6 +673,22 @@ class UniqueGoldBatchSampler(torch.utils.data.Sampler):
         self.drop_last = drop_last
         self.epoch = 0
         self._plan: tuple[int, list[list[int]]] | None = None
+        # Each gold as a number, in order of first appearance (the same on every process), and its mention count.
+        numbers: dict[Hashable, int] = {}
+        self._golds = np.fromiter(
+            (numbers.setdefault(gold, len(numbers)) for gold in self.answers), dtype=np.int64, count=len(self.answers)
+        )
+        self._full_batches = self.most_full_batches(np.bincount(self._golds, minlength=len(numbers)), batch_size)
+
+    @staticmethod
+    def most_full_batches(counts: Sequence[int], batch_size: int) -> int:
+        """The most full batches of `batch_size` mentions with distinct golds, for golds with these mention counts:
+        the largest `b` with `sum(min(count, b) for count in counts) >= b * batch_size`."""
+        counts = np.sort(np.asarray(counts, dtype=np.int64))
+        candidates = np.arange(int(counts.sum()) // batch_size + 1)
+        below = np.searchsorted(counts, candidates)  # golds with fewer mentions than the candidate b
+        capped = np.concatenate([[0], np.cumsum(counts)])[below] + candidates * (len(counts) - below)
+        return int(np.flatnonzero(capped >= candidates * batch_size)[-1])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -673,17 +697,66 @@ class UniqueGoldBatchSampler(torch.utils.data.Sampler):
         yield from self._batches()
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return self._full_batches if self.drop_last else len(self._batches())
 
     @property
     def left_out(self) -> int:
-        """Mentions in none of this epoch's batches (those of the short batches dropped with `drop_last`)."""
+        """Mentions in none of this epoch's batches (none without `drop_last`; with it, as many every epoch)."""
+        if self.drop_last:
+            return len(self.answers) - self._full_batches * self.batch_size
         return len(self.answers) - sum(len(batch) for batch in self._batches())
 
     def _batches(self) -> list[list[int]]:
         if self._plan is not None and self._plan[0] == self.epoch:
             return self._plan[1]
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.answers)).tolist()
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = self._full_plan(rng) if self.drop_last else self._greedy_plan(rng)
+        self._plan = (self.epoch, batches)
+        return batches
+
+    def _full_plan(self, rng: np.random.Generator) -> list[list[int]]:
+        # The b full batches. Take at most b mentions of each gold (drawn at random), then drop mentions at random
+        # until b * batch_size remain (the count of b allows it), and list them grouped by gold, the golds in a
+        # random order. Cut the list into batch_size rows of b: each batch takes one mention of every row, the
+        # columns of a row going to the b batches in a random order. A gold's mentions are at most b consecutive
+        # places of the list: in one row (distinct columns, so distinct batches), or at the end of one row and the
+        # start of the next, whose first columns then go to batches other than those of the previous row's last.
+        size, count = self.batch_size, self._full_batches
+        if count == 0:
+            return []
+        golds = self._golds
+        shuffled = rng.permutation(len(golds))
+        listed = shuffled[np.argsort(rng.permutation(golds.max() + 1)[golds[shuffled]], kind="stable")]
+        starts = np.flatnonzero(np.concatenate([[True], golds[listed[1:]] != golds[listed[:-1]]]))
+        rank = np.arange(len(listed)) - np.repeat(starts, np.diff(np.append(starts, len(listed))))
+        kept = listed[rank < count]  # (still grouped by gold)
+        if len(kept) > count * size:
+            dropped = np.zeros(len(kept), dtype=bool)
+            dropped[rng.choice(len(kept), len(kept) - count * size, replace=False)] = True
+            kept = kept[~dropped]
+        kept_golds = golds[kept]
+        starts = np.flatnonzero(np.concatenate([[True], kept_golds[1:] != kept_golds[:-1]]))
+        ends = np.append(starts[1:], len(kept))
+        group = np.repeat(np.arange(len(starts)), ends - starts)
+        columns = np.empty((size, count), dtype=np.int64)  # row -> column -> batch
+        columns[0] = rng.permutation(count)
+        for row in range(1, size):
+            place = row * count
+            first = group[place]
+            if starts[first] == place:  # no gold across the two rows
+                columns[row] = rng.permutation(count)
+                continue
+            tail, head = place - starts[first], ends[first] - place  # its places in the previous row, in this one
+            previous = columns[row - 1]
+            free = rng.permutation(previous[: count - tail])  # batches without that gold
+            rest = rng.permutation(np.concatenate([free[head:], previous[-tail:]]))
+            columns[row] = np.concatenate([free[:head], rest])
+        plan = np.empty((count, size), dtype=np.int64)
+        plan[columns.ravel(), np.repeat(np.arange(size), count)] = kept
+        return rng.permuted(plan, axis=1).tolist()  # (the batches' order is random: that of row 0's columns)
+
+    def _greedy_plan(self, rng: np.random.Generator) -> list[list[int]]:
+        order = rng.permutation(len(self.answers)).tolist()
         # Greedy over the shuffled order. A mention whose gold is already in the batch being filled waits, queued
         # under its gold; golds wait in the order they first had to. Each new batch first takes one waiting mention
         # of every waiting gold (oldest gold first; their golds are distinct), then continues the shuffled order.
@@ -710,9 +783,7 @@ class UniqueGoldBatchSampler(torch.utils.data.Sampler):
                 else:
                     batch.append(index)
                     golds.add(gold)
-            if len(batch) == self.batch_size or not self.drop_last:
-                batches.append(batch)
-        self._plan = (self.epoch, batches)
+            batches.append(batch)
         return batches
 
 

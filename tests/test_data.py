@@ -572,16 +572,138 @@ def test_sampler_places_every_mention_under_heavy_duplication():
         assert sum("hot" in [answers[i] for i in batch] for batch in batches) == 50
 
 
-def test_sampler_drop_last_keeps_only_full_batches():
-    answers = ["hot"] * 20 + [f"Q{i}" for i in range(45)]
-    sampler = UniqueGoldBatchSampler(answers, batch_size=8, seed=1, drop_last=True)
+def most_full_batches(answers, batch_size):
+    """Brute force: the largest b for which the golds' counts capped at b add up to b full batches."""
+    counts = Counter(answers).values()
+    return max(b for b in range(len(answers) // batch_size + 1) if sum(min(c, b) for c in counts) >= b * batch_size)
+
+
+def check_full_epoch(sampler, answers, batch_size):
     batches = list(sampler)
-    assert len(batches) == len(sampler) > 0
-    assert all(len(batch) == 8 and len({answers[i] for i in batch}) == 8 for batch in batches)
-    full = [batch for batch in UniqueGoldBatchSampler(answers, batch_size=8, seed=1) if len(batch) == 8]
-    assert batches == full
+    best = most_full_batches(answers, batch_size)
+    assert len(batches) == len(sampler) == best
+    assert all(len(batch) == batch_size for batch in batches)  # every batch full
+    assert all(len({answers[i] for i in batch}) == batch_size for batch in batches)  # no duplicate gold
+    placed = [i for batch in batches for i in batch]
+    assert len(placed) == len(set(placed)) and set(placed) <= set(range(len(answers)))  # each mention at most once
+    assert sampler.left_out == len(answers) - best * batch_size == len(answers) - len(placed)
+    return batches
+
+
+SKEWED = [f"Q{g}" for g in np.random.default_rng(3).zipf(1.5, size=500) % 60]
+
+
+@pytest.mark.parametrize(
+    "answers, batch_size, best",
+    [
+        (["a"] * 5 + ["b", "c", "d"], 2, 3),  # "a" in every batch, 2 of its 5 left out
+        (["hot"] * 20 + [f"Q{i}" for i in range(45)], 8, 6),  # 6 + 45 >= 48 but 7 + 45 < 56: 17 of 65 left out
+        ([f"Q{i}" for i in range(103)], 10, 10),  # all distinct, 103 not a multiple of 10: 3 trimmed
+        (["only"] * 9, 1, 9),  # a single gold, batch of 1: every mention in a batch of its own
+        (["only"] * 9, 2, 0),  # a single gold cannot fill a batch of 2
+        ([f"Q{i % 7}" for i in range(70)], 8, 0),  # 7 distinct golds, batches of 8
+        ([f"Q{i % 7}" for i in range(70)], 7, 10),  # 7 golds, 10 mentions each: exactly 10 batches
+        ([1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6], 3, 4),  # capped at 4: 4+3+2+1+1+1 = 12
+        ([1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6], 4, 2),  # capped at 3: 3+3+2+3 = 11 < 12; at 2: 2+2+2+3 = 9 >= 8
+        (SKEWED, 16, None),
+        (SKEWED, 7, None),
+    ],
+)
+def test_sampler_drop_last_packs_the_most_full_batches(answers, batch_size, best):
+    if best is not None:
+        assert most_full_batches(answers, batch_size) == best
+    sampler = UniqueGoldBatchSampler(answers, batch_size, seed=5, drop_last=True)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        check_full_epoch(sampler, answers, batch_size)
+    assert UniqueGoldBatchSampler.most_full_batches(list(Counter(answers).values()), batch_size) == len(sampler)
+
+
+def test_sampler_drop_last_is_optimal_on_random_answer_lists():
+    rng = np.random.default_rng(11)
+    empty_plans = 0
+    for case in range(400):
+        size = int(rng.integers(1, 12))
+        golds = int(rng.integers(1, 25))
+        n = int(rng.integers(0, 90))
+        answers = (rng.zipf(1.2 + rng.random(), n) if case % 2 else rng.integers(0, golds, n)) % golds
+        answers = [f"Q{g}" for g in answers]
+        sampler = UniqueGoldBatchSampler(answers, size, seed=case, drop_last=True)
+        empty_plans += len(sampler) == 0
+        check_full_epoch(sampler, answers, size)
+        sampler.set_epoch(1)
+        check_full_epoch(sampler, answers, size)
+    assert 0 < empty_plans < 200  # some cases cannot fill a batch, most can
+
+
+def test_sampler_drop_last_is_deterministic_and_leaves_other_mentions_out_each_epoch():
+    # 10 batches of 8 (10 + 10 + 63 >= 80, 11 + 11 + 63 < 88): 20 "hot", 2 "warm" and 3 more left out of 105
+    answers = ["hot"] * 30 + ["warm"] * 12 + [f"Q{i}" for i in range(63)]
+    assert most_full_batches(answers, 8) == 10
+    sampler = UniqueGoldBatchSampler(answers, 8, seed=7, drop_last=True)
+    seen, left_out_sets = Counter(), set()
+    for epoch in range(40):
+        sampler.set_epoch(epoch)
+        batches = check_full_epoch(sampler, answers, 8)
+        assert sampler.left_out == 25
+        again = UniqueGoldBatchSampler(answers, 8, seed=7, drop_last=True)
+        again.set_epoch(epoch)
+        assert list(again) == batches
+        placed = {i for batch in batches for i in batch}
+        seen.update(placed)
+        left_out_sets.add(frozenset(set(range(len(answers))) - placed))
+        assert 7 <= sum(answers[i] == "hot" for i in placed) <= 10 and 7 <= sum(answers[i] == "warm" for i in placed)
+        assert sum(answers[i] not in ("hot", "warm") for i in placed) >= 60
+    assert len(left_out_sets) == 40  # different mentions left out every epoch
+    assert set(seen) == set(range(len(answers)))  # over the epochs every mention had its turn, "hot" ones included
+    other_seed = UniqueGoldBatchSampler(answers, 8, seed=8, drop_last=True)
+    assert list(other_seed) != list(UniqueGoldBatchSampler(answers, 8, seed=7, drop_last=True))
+
+
+def test_sampler_drop_last_shuffles_batches_and_their_mentions():
+    answers = [f"Q{i % 40}" for i in range(200)]  # 40 golds, 5 mentions each
+    sampler = UniqueGoldBatchSampler(answers, 10, seed=0, drop_last=True)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert len(first) == len(second) == 20
+    assert first != second and {frozenset(b) for b in first} != {frozenset(b) for b in second}
+    assert any(batch != sorted(batch) for batch in first)  # not in index order inside a batch
+    # Which golds meet in a batch varies: over the epochs a gold meets more than the few it would with a fixed layout.
+    met = {}
+    for epoch in range(10):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            for i in batch:
+                met.setdefault(answers[i], set()).update(answers[j] for j in batch if j != i)
+    assert min(len(others) for others in met.values()) >= 30
+
+
+def test_sampler_without_drop_last_still_places_every_mention_once():
+    for answers, size in [(SKEWED, 16), (["hot"] * 20 + [f"Q{i}" for i in range(45)], 8), (["only"] * 9, 2)]:
+        sampler = UniqueGoldBatchSampler(answers, size, seed=1)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            check_epoch(sampler, answers, size)
+            assert sampler.left_out == 0
     with pytest.raises(ValueError, match="batch_size must be positive"):
-        UniqueGoldBatchSampler(answers, batch_size=0)
+        UniqueGoldBatchSampler(["a"], batch_size=0)
+
+
+def test_sampler_drop_last_on_the_demo(tmp_path):
+    """The built-in demo (1,485 training mentions of 160 entities, at most 15 of one): 11 full batches of 128 (77
+    mentions left out: the greedy plan this replaced made 10 and left 205 out) and 46 of 32 (13 left out)."""
+    from modeling_m3el.demo import write_demo_benchmark
+
+    answers = load_benchmark(write_demo_benchmark(tmp_path / "demo")).splits["train"]["answer"]
+    assert (len(answers), len(set(answers)), max(Counter(answers).values())) == (1485, 160, 15)
+    for size, batches, left_out in [(128, 11, 77), (32, 46, 13)]:
+        assert most_full_batches(answers, size) == batches
+        sampler = UniqueGoldBatchSampler(answers, size, seed=0, drop_last=True)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            check_full_epoch(sampler, answers, size)
+            assert sampler.left_out == left_out
 
 
 def test_sampler_drives_a_dataloader(release):
