@@ -149,6 +149,23 @@ class _BackgroundFingerprint:
         return {"fingerprint": bfloat16, "float16_fingerprint": float16}
 
 
+def _new_content_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _legacy_content_id(meta: dict) -> str:
+    """The content id of an index saved before indexes kept one, and before they kept a `save_id`: derived from what
+    its files hold (the model's fingerprint and the entity ids), the same at every load of those files."""
+    digest = hashlib.blake2b(json.dumps([meta["fingerprint"], meta["entity_ids"]]).encode(), digest_size=16)
+    return "legacy-" + digest.hexdigest()
+
+
+def _shared_content_id(accelerator) -> str:
+    """A new content id, the same in every process of `accelerator` (the one process 0 drew): a collective call."""
+    mine = torch.tensor(list(uuid.uuid4().bytes), dtype=torch.int64, device=accelerator.device)
+    return bytes(accelerator.gather(mine)[:16].cpu().tolist()).hex()
+
+
 class _Rows:
     """
     An index's tensors being built batch by batch: allocated once, at their full `total` rows, when the first batch
@@ -201,6 +218,14 @@ class EntityIndex:
     with `scores`, `rank` or `topk`. Those calls do not check the model again (hashing its weights takes about half a
     second at B/32 size): after changing the model in memory (a training step), rebuild the index, or call
     `check_model(model)`, which refuses a model the index was not built with.
+
+    Two identifiers: `content_id` names the encoding (which entity tensors these are), `save_id` the save (which
+    write of the files). An encoding (`build`, `from_inputs`, `from_features`), a subset or a union (`select`,
+    `concat`) or the constructor without `content_id` makes a new content id; `save`/`load` and `to` (a move or a
+    dtype cast of the same encoding) keep it, and so does the constructor given it (e.g. to stamp other fingerprints
+    on the same tensors). Every `save` makes a
+    new save id. What was built on an index's content (a `TwoStageRetriever`) checks `content_id`, so it survives
+    re-saves; the files' consistency (`load`) checks both.
     """
 
     # How the pruned `rank` and `topk` score their undecided pairs through the fused kernel (CUDA): "candidates",
@@ -220,8 +245,13 @@ class EntityIndex:
 
     def __init__(
         self, tensors: dict[str, torch.Tensor], entity_ids: Sequence[str], fingerprint: str,
-        float16_fingerprint: str | None = None, save_id: str | None = None,
+        float16_fingerprint: str | None = None, save_id: str | None = None, content_id: str | None = None,
     ):
+        """
+        `content_id`: which encoding `tensors` are (see the class's docstring); None: a new one. Pass an index's
+        `content_id` only with its tensors (or a move or cast of them). The tensors of an index are not to be changed
+        in place: new values are a new index (a new content id).
+        """
         entity_ids = [str(entity_id) for entity_id in entity_ids]  # ids are strings, however given (ints, numpy ints)
         if len(entity_ids) == 0:
             raise ValueError("an EntityIndex needs at least one entity")
@@ -242,6 +272,8 @@ class EntityIndex:
         # The identifier `save` stamps both files with (and `load` reads back): which saved index this is. None for an
         # index not saved or loaded yet (or derived by `select` or `concat`), or loaded from a folder saved without.
         self.save_id = save_id
+        # Which encoding these tensors are: kept by `save`/`load` and `to`, new for new tensors (see the class).
+        self.content_id = content_id if content_id is not None else _new_content_id()
         self._position = {entity_id: i for i, entity_id in enumerate(self.entity_ids)}
 
     def __len__(self) -> int:
@@ -263,8 +295,14 @@ class EntityIndex:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def to(self, device=None, dtype=None) -> "EntityIndex":
+        """
+        This index on `device` in `dtype`. A move or a cast keeps `content_id`: the cast tensors are the same
+        encoding up to rounding, so what was built on it (a retriever's stage-1 vectors, an approximation whose
+        candidates are re-scored exactly on the index given) still serves; a new encoding gets a new content id.
+        """
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        return EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint, self.save_id)
+        return EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint, self.save_id,
+                           self.content_id)
 
     def positions(self, entity_ids: Iterable[str]) -> torch.Tensor:
         """Row of each entity id (ids are strings: an int is looked up as `str(id)`); an unknown id raises a KeyError
@@ -281,11 +319,14 @@ class EntityIndex:
         """
         An index of these entities alone, in this order (their rows copied), for the same model: e.g. a KB without
         its retired entities. An unknown id raises a KeyError naming it; a repeated id, or none at all, a ValueError.
+        A new content id, unless it selects every entity in the index's order (the same tensors, copied).
         """
-        rows = self.positions(entity_ids).to(self.device)
+        rows = self.positions(entity_ids)
+        whole = torch.equal(rows, torch.arange(len(self)))
+        rows = rows.to(self.device)
         tensors = {name: tensor.index_select(0, rows) for name, tensor in self.tensors.items()}
         return EntityIndex(tensors, [self.entity_ids[row] for row in rows.tolist()], self.fingerprint,
-                           self.float16_fingerprint)
+                           self.float16_fingerprint, content_id=self.content_id if whole else None)
 
     @classmethod
     def concat(cls, indexes: Sequence["EntityIndex"]) -> "EntityIndex":
@@ -293,6 +334,7 @@ class EntityIndex:
         One index of the entities of several, in order: e.g. a KB's index and one built for its new entities with
         the same model, so that only the new entities are encoded. They must come from the same model (else
         `StaleIndexError`) and have the same dtype and device (`to`); an id in two of them raises a ValueError.
+        A new content id (the content id of a single index given).
         """
         indexes = list(indexes)
         if not indexes:
@@ -315,7 +357,8 @@ class EntityIndex:
         tensors = {name: torch.cat([index.tensors[name] for index in indexes]) for name in first.tensors}
         float16 = {index.float16_fingerprint for index in indexes}
         return cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint,
-                   float16.pop() if len(float16) == 1 else None)
+                   float16.pop() if len(float16) == 1 else None,
+                   content_id=first.content_id if len(indexes) == 1 else None)
 
     # ------------------------------------------------------------------------------------------------ build
 
@@ -439,7 +482,9 @@ class EntityIndex:
         if world > 1:
             tensors = {name: gather_shares(accelerator, t, share, len(entities)) for name, t in tensors.items()}
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        return cls(tensors, [e["id"] for e in entities], **fingerprint.result())
+        # a new encoding: a new content id, one for all processes (each holds the whole index)
+        content_id = _shared_content_id(accelerator) if world > 1 else None
+        return cls(tensors, [e["id"] for e in entities], **fingerprint.result(), content_id=content_id)
 
     # --------------------------------------------------------------------------------------------- save/load
 
@@ -447,8 +492,9 @@ class EntityIndex:
         """
         Write `entity_index.safetensors` and `entity_index.json` into `folder`, atomically (temp, then rename). Both are
         stamped with a new identifier, `save_id` (set on this index too), which `load` compares: a crash between the
-        two renames leaves a pair that is refused, never new weights read with old ids. A temporary folder left by a
-        save that was killed is removed once untouched for `STALE_SAVE_SECONDS`.
+        two renames leaves a pair that is refused, never new weights read with old ids. Both also hold the index's
+        `content_id` (unchanged by saving). A temporary folder left by a save that was killed is removed once untouched
+        for `STALE_SAVE_SECONDS`.
         """
         os.makedirs(folder, exist_ok=True)
         _remove_stale_saves(folder)
@@ -458,6 +504,7 @@ class EntityIndex:
             "fingerprint": self.fingerprint,
             "float16_fingerprint": self.float16_fingerprint,
             "save_id": save_id,
+            "content_id": self.content_id,
             "num_entities": len(self),
             "dtype": str(self.dtype).replace("torch.", ""),
             "entity_ids": self.entity_ids,
@@ -465,7 +512,7 @@ class EntityIndex:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
         with tempfile.TemporaryDirectory(dir=folder, prefix=_SAVE_PREFIX) as tmp:
             save_file(tensors, os.path.join(tmp, INDEX_WEIGHTS),
-                      metadata={"fingerprint": self.fingerprint, "save_id": save_id})
+                      metadata={"fingerprint": self.fingerprint, "save_id": save_id, "content_id": self.content_id})
             with open(os.path.join(tmp, INDEX_META), "w", encoding="utf-8") as f:
                 json.dump(meta, f)
             # Weights first, metadata last: a crash between the two leaves a save_id mismatch, never a silent mix.
@@ -481,6 +528,8 @@ class EntityIndex:
         Load an index saved with `save`, onto `device` (default: the model's, as `build` makes it; without a model, the
         CPU) in `dtype` (default: as saved). With `model`, refuse (StaleIndexError) an index built with another model.
         A missing folder or file raises FileNotFoundError; files of two different saves, or a damaged file, ValueError.
+        The index keeps the saved `content_id` (files saved before it was kept: their `save_id`, or for files without
+        one either, an id derived from their fingerprint and entity ids).
         """
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"no entity index at {folder}: no such folder")
@@ -506,8 +555,11 @@ class EntityIndex:
         try:
             with safe_open(weights_path, framework="pt", device=str(device)) as f:
                 stamp = f.metadata() or {}
-                # The save's identifier where both files have one (a pair saved before it was kept: the fingerprint)
-                if stamp.get("fingerprint") != meta["fingerprint"] or stamp.get("save_id") != meta.get("save_id"):
+                # The save's identifier where both files have one (a pair saved before it was kept: the fingerprint),
+                # and the content id (None in both files saved before it was kept)
+                if (stamp.get("fingerprint"), stamp.get("save_id"), stamp.get("content_id")) != (
+                    meta["fingerprint"], meta.get("save_id"), meta.get("content_id")
+                ):
                     raise ValueError(f"{folder}: {INDEX_WEIGHTS} and {INDEX_META} come from different builds "
                                      "(interrupted or concurrent save?); rebuild, or load again")
                 float16_fingerprint = meta.get("float16_fingerprint")  # absent from indexes saved before it was kept
@@ -522,7 +574,9 @@ class EntityIndex:
         if dtype is not None:
             for name in list(tensors):  # one tensor at a time: each saved tensor is freed once converted
                 tensors[name] = tensors[name].to(dtype)
-        return cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint, meta.get("save_id"))
+        content_id = meta.get("content_id") or meta.get("save_id") or _legacy_content_id(meta)
+        return cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint, meta.get("save_id"),
+                   content_id)
 
     # -------------------------------------------------------------------------------------------------- rank
 
@@ -925,7 +979,7 @@ class EntityIndex:
         candidates: int | None = None,
     ) -> torch.Tensor:
         """
-        Rank of each mention's gold entity among all entities (SPEC 6): 1 + the number of other entities whose
+        Rank of each mention's gold entity among all entities: 1 + the number of other entities whose
         score is >= the gold's (ties count against the gold).
 
         `candidates` (K): the rank a user of `topk(candidates=K)` (the pipeline's `candidates`) sees instead, to

@@ -355,9 +355,10 @@ class M3ELEntityLinkingPipeline(Pipeline):
         index = self.index
         if {p.dtype for p in self.model.parameters()} & {torch.float16, torch.bfloat16}:
             # The checkpoint is saved in half precision, so loaded again (in any dtype) its weights are these: the
-            # index, accepted for this model, is stamped with this model's fingerprints.
+            # index, accepted for this model, is stamped with this model's fingerprints (the same encoding: what was
+            # built on its content, a retriever, still serves).
             index = EntityIndex(index.tensors, index.entity_ids, model_fingerprint(self.model),
-                                model_fingerprint(self.model, torch.float16))
+                                model_fingerprint(self.model, torch.float16), content_id=index.content_id)
         index.save(save_directory)
         if self.entities:
             records = [self.entities[i] for i in self.index.entity_ids if i in self.entities]

@@ -360,16 +360,20 @@ class TwoStageRetriever:
         Write the stage-1 index (`entity_index.faiss`; nothing for the "torch" backend, which rebuilds from the
         entity index in seconds) and `retriever.json` into `folder`, next to the entity index's files: each written
         under a temporary name, then renamed, `retriever.json` last. It records a digest of the faiss file, of the
-        entity ids, and the entity index's `save_id` (when it has one: save the entity index first), which `load`
-        checks.
+        entity ids, the entity index's fingerprints and its `content_id` (which encoding of the entities the vectors
+        were made from), which `load` checks. The entity index may be saved before or after, and saved again: a save
+        keeps its content id.
         """
         os.makedirs(folder, exist_ok=True)
         _remove_stale_saves(folder, _SAVE_PREFIX)
         meta = {
             "format": RETRIEVER_FORMAT,
             "fingerprint": self.index.fingerprint,
+            "float16_fingerprint": self.index.float16_fingerprint,
             "num_entities": len(self.index),
             "entity_ids_digest": _ids_digest(self.index.entity_ids),
+            "index_content_id": self.index.content_id,
+            # what retrievers saved before the content id was kept checked (read by that code, not by this)
             "index_save_id": self.index.save_id,
             "dim": self.dim,
             "backend": self.backend,
@@ -398,9 +402,13 @@ class TwoStageRetriever:
     def load(cls, folder: str | os.PathLike, index: EntityIndex, model: M3ELModel, **overrides) -> "TwoStageRetriever":
         """
         Load a retriever saved with `save` for `index`: refused (StaleIndexError) when saved for another entity index
-        (another model, other entity ids or order, or another save of the entity index), and (ValueError) when its
-        files are damaged or from different saves. `overrides`: constructor arguments to change, e.g. `use_gpu`,
-        `k_candidates`, `nprobe`.
+        (another model, other entity ids or order, or another encoding of the entities: another `content_id`), and
+        (ValueError) when its files are damaged or from different saves. The same encoding saved again (to another
+        folder, loaded and saved, saved by the pipeline), moved or cast to another dtype is accepted: the candidates
+        are re-scored exactly on `index`. A retriever saved before the content id was kept checks the entity index's
+        `save_id` it recorded against the index's content id (an index saved before it was kept has its save id as
+        content id) or save id. `overrides`: constructor arguments to change, e.g. `use_gpu`, `k_candidates`,
+        `nprobe`.
         """
         meta_path = os.path.join(folder, RETRIEVER_META)
         if not os.path.exists(meta_path):
@@ -419,7 +427,11 @@ class TwoStageRetriever:
         if missing:
             raise ValueError(f"{meta_path}: {', '.join(missing)} missing; save the retriever again")
         rebuild = "rebuild it with TwoStageRetriever(index, model)"
-        if meta["fingerprint"] != index.fingerprint or meta["num_entities"] != len(index):
+        # the same model up to a half-precision load's rounding (as `EntityIndex.check_model`): either fingerprint
+        same_model = meta["fingerprint"] == index.fingerprint or (
+            meta.get("float16_fingerprint") is not None and meta["float16_fingerprint"] == index.float16_fingerprint
+        )
+        if not same_model or meta["num_entities"] != len(index):
             raise StaleIndexError(
                 f"the retriever in {folder} was built for another entity index (fingerprint {meta['fingerprint']}, "
                 f"{meta['num_entities']} entities); {rebuild}"
@@ -430,11 +442,15 @@ class TwoStageRetriever:
                 f"the retriever in {folder} was built for another entity index (other entity ids, or another order, "
                 f"for the same model); {rebuild}"
             )
-        saved_for = meta.get("index_save_id")
-        if saved_for is not None and index.save_id is not None and saved_for != index.save_id:
+        if "index_content_id" in meta:
+            saved_for, accepted = meta["index_content_id"], {index.content_id}
+        else:  # saved before the content id was kept: the index's save_id then (None: an index never saved)
+            saved_for, accepted = meta.get("index_save_id"), {index.content_id, index.save_id}
+        if saved_for is not None and saved_for not in accepted:
             raise StaleIndexError(
-                f"the retriever in {folder} was built for another save of the entity index (save_id {saved_for}, "
-                f"this index: {index.save_id}; its entities may have been re-encoded since); {rebuild}"
+                f"the retriever in {folder} was built for another encoding of the entity index (content_id "
+                f"{saved_for}, this index: {index.content_id}): its entities were encoded anew since (built again, "
+                f"or other tensors), so the retriever's vectors may not be theirs; {rebuild}"
             )
         arguments = {key: meta[key] for key in names}
         arguments.update(overrides)

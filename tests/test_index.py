@@ -315,7 +315,8 @@ def test_weights_of_one_save_with_the_ids_of_another_are_refused(processor, kb, 
     meta = json.loads((old / INDEX_META).read_text())
     with safe_open(str(old / INDEX_WEIGHTS), framework="pt") as f:
         stamp = f.metadata()
-    assert len(meta["save_id"]) == 32 and stamp == {"fingerprint": index.fingerprint, "save_id": meta["save_id"]}
+    assert len(meta["save_id"]) == 32 and stamp == {"fingerprint": index.fingerprint, "save_id": meta["save_id"],
+                                                    "content_id": index.content_id}
     assert index.save_id == meta["save_id"] == EntityIndex.load(old).save_id
     edited = EntityIndex.build(model, processor, kb[::-1], progress=False)  # the same entities, another order
     edited.save(new)
@@ -337,12 +338,14 @@ def test_an_index_saved_before_the_save_id_still_loads(processor, kb, tmp_path):
     index = EntityIndex.build(model, processor, kb, progress=False)
     index.save(tmp_path)
     meta = json.loads((tmp_path / INDEX_META).read_text())
-    del meta["save_id"]  # as indexes saved before it was kept: only the fingerprint in both files
+    del meta["save_id"], meta["content_id"]  # as indexes saved before they were kept: only the fingerprint in both
     (tmp_path / INDEX_META).write_text(json.dumps(meta))
     tensors = load_file(tmp_path / INDEX_WEIGHTS)
     save_file(tensors, tmp_path / INDEX_WEIGHTS, metadata={"fingerprint": index.fingerprint})
     loaded = EntityIndex.load(tmp_path, model)
     assert loaded.save_id is None and loaded.entity_ids == index.entity_ids
+    # its content id: derived from what the files hold, the same at every load (what a retriever saved with it needs)
+    assert loaded.content_id.startswith("legacy-") and EntityIndex.load(tmp_path).content_id == loaded.content_id
     for name, tensor in index.tensors.items():
         assert torch.equal(loaded.tensors[name], tensor), name
     # new-format weights beside old-format metadata (or the other way round): refused
@@ -351,6 +354,98 @@ def test_an_index_saved_before_the_save_id_still_loads(processor, kb, tmp_path):
     with pytest.raises(ValueError, match="come from different builds"):
         EntityIndex.load(tmp_path)
 
+
+
+def _stamps(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / INDEX_WEIGHTS), framework="pt") as f:
+        return json.loads((folder / INDEX_META).read_text()), f.metadata()
+
+
+def test_the_content_id_names_the_encoding_and_survives_saves_and_casts(processor, kb, tmp_path):
+    """A save makes a new save id and keeps the content id (in both files); load, `to` and the constructor given the
+    index's very tensors keep it; new tensors (an encoding, even of the same KB with the same model; a subset; a
+    union; copies) get a new one."""
+    model = _model(processor, "text_to_image")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    assert len(index.content_id) == 32 and index.save_id is None
+    index.save(tmp_path / "a")
+    meta, stamp = _stamps(tmp_path / "a")
+    assert meta["content_id"] == stamp["content_id"] == index.content_id != index.save_id == meta["save_id"]
+    loaded = EntityIndex.load(tmp_path / "a", model)
+    loaded.save(tmp_path / "b")  # loaded and saved again, elsewhere
+    again = EntityIndex.load(tmp_path / "b", model)
+    assert again.save_id == loaded.save_id != index.save_id
+    loaded.save(tmp_path / "a")  # and in place
+    assert EntityIndex.load(tmp_path / "a").save_id == loaded.save_id != index.save_id
+    half = EntityIndex.load(tmp_path / "b", model, dtype=torch.float16)
+    # the pipeline's re-stamp: the same tensors with other fingerprints, and their content id
+    restamped = EntityIndex(half.tensors, half.entity_ids, "0" * 32, "1" * 32, content_id=half.content_id)
+    same = [loaded, again, EntityIndex.load(tmp_path / "a"), half, half.to(dtype=torch.float32),
+            index.to(device="cpu"), restamped, index.select(index.entity_ids), EntityIndex.concat([index])]
+    for position, derived in enumerate(same):
+        assert derived.content_id == index.content_id, position
+    assert restamped.dtype == torch.float16 and restamped.fingerprint == "0" * 32
+    rebuilt = EntityIndex.build(model, processor, kb, progress=False)  # the same KB, the same model: equal tensors
+    for name, tensor in index.tensors.items():
+        assert torch.equal(rebuilt.tensors[name], tensor), name
+    new = [rebuilt, index.select(index.entity_ids[::-1]), index.select(index.entity_ids[:5]),
+           EntityIndex.concat([index.select(index.entity_ids[:5]), index.select(index.entity_ids[5:])]),
+           EntityIndex(dict(index.tensors), index.entity_ids, index.fingerprint),  # (without content_id: a new one)
+           EntityIndex.from_inputs(model, processor.process_entities(
+               [e["name"] for e in kb], [e["description"] for e in kb], [e["image"] for e in kb]), index.entity_ids)]
+    ids = [derived.content_id for derived in new]
+    assert index.content_id not in ids and len(set(ids)) == len(ids)
+
+
+def test_content_ids_of_two_saves_mixed_are_refused(processor, kb, tmp_path):
+    """The content id is compared across the two files too: the per-save check is as strong as before, and more."""
+    model = _model(processor, "text_to_image")
+    EntityIndex.build(model, processor, kb, progress=False).save(tmp_path)
+    meta = json.loads((tmp_path / INDEX_META).read_text())
+    (tmp_path / INDEX_META).write_text(json.dumps(dict(meta, content_id="0" * 32)))
+    with pytest.raises(ValueError, match="come from different builds"):
+        EntityIndex.load(tmp_path)
+    (tmp_path / INDEX_META).write_text(json.dumps({k: v for k, v in meta.items() if k != "content_id"}))
+    with pytest.raises(ValueError, match="come from different builds"):
+        EntityIndex.load(tmp_path)
+
+
+def test_an_index_saved_before_the_content_id_keeps_its_save_id_as_content_id(processor, kb, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(processor, "text_to_image")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    index.save(tmp_path / "old")
+    meta, stamp = _stamps(tmp_path / "old")
+    del meta["content_id"], stamp["content_id"]  # the files as the code before the content id wrote them
+    (tmp_path / "old" / INDEX_META).write_text(json.dumps(meta))
+    save_file(load_file(tmp_path / "old" / INDEX_WEIGHTS), tmp_path / "old" / INDEX_WEIGHTS, metadata=stamp)
+    loaded = EntityIndex.load(tmp_path / "old", model)
+    assert loaded.content_id == loaded.save_id == meta["save_id"]
+    loaded.save(tmp_path / "new")  # saved again by this code: the content id written, a new save id
+    meta_new, stamp_new = _stamps(tmp_path / "new")
+    assert meta_new["content_id"] == stamp_new["content_id"] == meta["save_id"] != meta_new["save_id"]
+    assert EntityIndex.load(tmp_path / "new").content_id == meta["save_id"]
+
+
+def test_processes_building_one_index_share_its_content_id():
+    """`build` with several processes: every process holds the whole index, under the content id process 0 drew."""
+    from modeling_m3el.index_m3el import _shared_content_id
+
+    class Process:  # what `_shared_content_id` uses of an Accelerator; process 1 runs after process 0 here
+        drawn = {}
+
+        def __init__(self, rank):
+            self.rank, self.device = rank, torch.device("cpu")
+
+        def gather(self, tensor):
+            Process.drawn[self.rank] = tensor
+            return torch.cat([Process.drawn.get(rank, torch.zeros_like(tensor)) for rank in (0, 1)])
+
+    first, second = _shared_content_id(Process(0)), _shared_content_id(Process(1))
+    assert first == second and len(first) == 32 and first != _shared_content_id(Process(0))
 
 def test_damaged_index_files_are_one_line_errors(processor, kb, tmp_path):
     model = _model(processor, "text_to_image")

@@ -363,9 +363,9 @@ def test_save_load_round_trip(processor, tmp_path, backend):
     assert (loaded.backend, loaded.k_candidates, loaded.nlist, loaded.nprobe) == (backend, 6, 5, 2)
     assert torch.equal(loaded.candidates(mentions)[1], retriever.candidates(mentions)[1])
     assert torch.equal(loaded.search(mentions, k=3)[1], retriever.search(mentions, k=3)[1])
-    # A retriever saved for another index is refused.
+    # A retriever saved for another index (another model: both fingerprints differ) is refused.
     meta = json.loads((tmp_path / RETRIEVER_META).read_text())
-    (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, fingerprint="0" * 32)))
+    (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, fingerprint="0" * 32, float16_fingerprint="1" * 32)))
     with pytest.raises(StaleIndexError, match="another entity index"):
         TwoStageRetriever.load(tmp_path, index, model)
     # One saved by the code before the G2L centres' column (format 1) is refused: its vectors lack it.
@@ -377,13 +377,13 @@ def test_save_load_round_trip(processor, tmp_path, backend):
 @pytest.mark.parametrize("backend", ["flat", "torch"])
 def test_a_retriever_for_other_entities_is_refused(processor, tmp_path, backend):
     """A retriever saved for one KB, loaded against an index of the same model and size whose entities are others or
-    in another order (its rows would name the wrong entities), or against another save of the entity index: refused."""
+    in another order (its rows would name the wrong entities), or against a new encoding of the KB: refused."""
     model = _model(processor, "bidirectional")
     _, index = _kb(model)
     index.save(tmp_path)
     TwoStageRetriever(index, model, k_candidates=5, backend=backend).save(tmp_path)
     meta = json.loads((tmp_path / RETRIEVER_META).read_text())
-    assert meta["index_save_id"] == index.save_id == EntityIndex.load(tmp_path).save_id
+    assert meta["index_content_id"] == index.content_id == EntityIndex.load(tmp_path).content_id
     TwoStageRetriever.load(tmp_path, EntityIndex.load(tmp_path, model), model)
     reordered = index.select(index.entity_ids[::-1])  # same model, same size
     renamed = EntityIndex(index.tensors, [f"P{i}" for i in range(NUM_ENTITIES)], index.fingerprint)
@@ -391,16 +391,135 @@ def test_a_retriever_for_other_entities_is_refused(processor, tmp_path, backend)
         assert (other.fingerprint, len(other)) == (index.fingerprint, len(index))
         with pytest.raises(StaleIndexError, match="other entity ids, or another order"):
             TwoStageRetriever.load(tmp_path, other, model)
-    # the index re-saved (its entities re-encoded, say, with the same ids): the retriever's vectors may be stale
-    resaved = EntityIndex.load(tmp_path, model)
-    resaved.save(tmp_path)
-    with pytest.raises(StaleIndexError, match="another save of the entity index"):
+    # the KB encoded anew (the same ids, the same model) and saved in its place: the retriever's vectors may be stale
+    EntityIndex.from_features(model, _features(model, NUM_ENTITIES, 0), index.entity_ids).save(tmp_path)
+    with pytest.raises(StaleIndexError, match="another encoding of the entity index"):
         TwoStageRetriever.load(tmp_path, EntityIndex.load(tmp_path, model), model)
     # a retriever saved before the ids' digest was kept: the fingerprint and size alone, as before
-    (tmp_path / RETRIEVER_META).write_text(json.dumps({k: v for k, v in meta.items()
-                                                       if k not in ("entity_ids_digest", "index_save_id")}))
+    old = ("entity_ids_digest", "index_save_id", "index_content_id", "float16_fingerprint")
+    (tmp_path / RETRIEVER_META).write_text(json.dumps({k: v for k, v in meta.items() if k not in old}))
     assert TwoStageRetriever.load(tmp_path, reordered, model).index is reordered
 
+
+
+@pytest.mark.parametrize("backend", ["flat", "torch"])
+def test_a_retriever_survives_re_saves_and_casts_of_its_index_but_not_a_new_encoding(processor, tmp_path, backend):
+    """The retriever checks which encoding of the entities it was built on (the index's content id), not which save
+    of the index files: the index saved again elsewhere, loaded and saved again in place, or cast, still serves it, with
+    the same candidates; the same KB encoded again, even by the same model into equal tensors, is refused."""
+    model = _model(processor, "bidirectional")
+    features, index = _kb(model)
+    mentions = _features(model, 5, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=6, backend=backend)
+    retriever.save(tmp_path / "a")  # before the index: it has no save yet
+    index.save(tmp_path / "a")
+    candidates, (_, rows, ids) = retriever.candidates(mentions)[1], retriever.search(mentions, k=3)
+    EntityIndex.load(tmp_path / "a", model).save(tmp_path / "b")
+    resaved = EntityIndex.load(tmp_path / "a", model)
+    resaved.save(tmp_path / "a")
+    resaved.save(tmp_path / "a")
+    for other in (EntityIndex.load(tmp_path / "b", model), EntityIndex.load(tmp_path / "a", model), index, resaved):
+        assert other.save_id != index.save_id or other is index
+        loaded = TwoStageRetriever.load(tmp_path / "a", other, model)
+        assert torch.equal(loaded.candidates(mentions)[1], candidates)
+        _, loaded_rows, loaded_ids = loaded.search(mentions, k=3)
+        assert torch.equal(loaded_rows, rows) and loaded_ids == ids
+    # cast: accepted; its candidates are the saved stage 1's (the faiss file), or the cast index's (torch: rebuilt)
+    cast = EntityIndex.load(tmp_path / "b", model, dtype=torch.bfloat16)
+    loaded = TwoStageRetriever.load(tmp_path / "a", cast, model)
+    built = retriever if backend != "torch" else TwoStageRetriever(cast, model, k_candidates=6, backend=backend)
+    assert torch.equal(loaded.candidates(mentions)[1], built.candidates(mentions)[1])
+    # a new encoding of the same KB with the same model: equal tensors, but refused (nothing proves them equal)
+    again = EntityIndex.from_features(model, features, index.entity_ids)
+    assert all(torch.equal(again.tensors[name], tensor) for name, tensor in index.tensors.items())
+    for other in (again, EntityIndex.from_features(model, _features(model, NUM_ENTITIES, 5), index.entity_ids)):
+        with pytest.raises(StaleIndexError, match="another encoding of the entity index .* rebuild it with "
+                                                  r"TwoStageRetriever\(index, model\)") as caught:
+            TwoStageRetriever.load(tmp_path / "a", other, model)
+        assert other.content_id in str(caught.value) and index.content_id in str(caught.value)
+    again.save(tmp_path / "b")
+    with pytest.raises(StaleIndexError, match="another encoding of the entity index"):
+        TwoStageRetriever.load(tmp_path / "a", EntityIndex.load(tmp_path / "b", model), model)
+
+
+def test_a_retriever_serves_the_index_its_pipeline_saved_in_float16(processor, tmp_path):
+    """The pipeline saves its index in the model's half precision, stamped with the half-precision checkpoint's
+    fingerprints (a bfloat16 rounding of float16 weights differs from the weights' own): the same encoding, cast, so
+    the retriever saved beside the float32 index still loads with it, with the same candidates."""
+    from modeling_m3el.pipeline_m3el import M3ELEntityLinkingPipeline
+
+    model = _model(processor, "bidirectional")
+    _, index = _kb(model)
+    mentions = _features(model, 5, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=6)
+    index.save(tmp_path / "index")
+    retriever.save(tmp_path / "index")
+    half = _model(processor, "bidirectional").to(torch.float16)
+    linker = M3ELEntityLinkingPipeline(model=half, processor=processor, index=str(tmp_path / "index"), device="cpu")
+    linker.save_pretrained(tmp_path / "pipeline")
+    saved = EntityIndex.load(tmp_path / "pipeline", model)
+    assert saved.dtype == torch.float16 and saved.fingerprint != index.fingerprint  # re-stamped
+    assert saved.content_id == index.content_id and saved.save_id != index.save_id
+    loaded = TwoStageRetriever.load(tmp_path / "index", saved, model)
+    candidates = retriever.candidates(mentions)[1]
+    assert torch.equal(loaded.candidates(mentions)[1], candidates)
+    # re-scored exactly on the index given (float16 here): the best 3 of those candidates by its scores
+    scores, rows, _ = loaded.search(mentions, k=3)
+    exact = saved.score_candidates(model, mentions, candidates).float()
+    assert torch.equal(rows, candidates.gather(1, exact.topk(3, dim=1).indices))
+    # the same from the pipeline's folder, with the half-precision model
+    TwoStageRetriever.load(tmp_path / "index", EntityIndex.load(tmp_path / "pipeline", half), half)
+
+
+def _as_saved_before_the_content_id(folder):
+    """Rewrite an index's and a retriever's files in `folder` as the code before the content id wrote them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from modeling_m3el.index_m3el import INDEX_META, INDEX_WEIGHTS
+
+    meta = json.loads((folder / INDEX_META).read_text())
+    del meta["content_id"]
+    (folder / INDEX_META).write_text(json.dumps(meta))
+    with safe_open(str(folder / INDEX_WEIGHTS), framework="pt") as f:
+        stamp = {k: v for k, v in f.metadata().items() if k != "content_id"}
+    save_file(load_file(folder / INDEX_WEIGHTS), folder / INDEX_WEIGHTS, metadata=stamp)
+    retriever = json.loads((folder / RETRIEVER_META).read_text())
+    del retriever["index_content_id"], retriever["float16_fingerprint"]
+    assert retriever["index_save_id"] == meta["save_id"] is not None
+    (folder / RETRIEVER_META).write_text(json.dumps(retriever))
+    return retriever
+
+
+def test_an_index_and_a_retriever_saved_before_the_content_id_still_work_together(processor, tmp_path):
+    """Files without content ids: the retriever recorded the index's save id, which is the old index's content id;
+    re-saved by this code, that index keeps it, so the old retriever now survives the re-save too."""
+    model = _model(processor, "bidirectional")
+    features, index = _kb(model)
+    mentions = _features(model, 5, 1)
+    retriever = TwoStageRetriever(index, model, k_candidates=6)
+    index.save(tmp_path / "old")
+    retriever.save(tmp_path / "old")
+    meta = _as_saved_before_the_content_id(tmp_path / "old")
+    old = EntityIndex.load(tmp_path / "old", model)
+    assert old.content_id == old.save_id == meta["index_save_id"]
+    candidates = retriever.candidates(mentions)[1]
+    assert torch.equal(TwoStageRetriever.load(tmp_path / "old", old, model).candidates(mentions)[1], candidates)
+    old.save(tmp_path / "new")  # re-saved by this code: a new save id, the old one as content id
+    new = EntityIndex.load(tmp_path / "new", model)
+    assert new.save_id != meta["index_save_id"] == new.content_id
+    assert torch.equal(TwoStageRetriever.load(tmp_path / "old", new, model).candidates(mentions)[1], candidates)
+    # a retriever saved by this code with the old index: its content id recorded, kept by the re-save
+    TwoStageRetriever.load(tmp_path / "old", old, model).save(tmp_path / "new")
+    TwoStageRetriever.load(tmp_path / "new", new, model)
+    # refused still: a new encoding of the KB, for the old retriever too
+    again = EntityIndex.from_features(model, features, index.entity_ids)
+    with pytest.raises(StaleIndexError, match="another encoding of the entity index"):
+        TwoStageRetriever.load(tmp_path / "old", again, model)
+    # an old retriever saved with an index never saved (no save id recorded) checks no content, as before
+    (tmp_path / RETRIEVER_META).write_text(json.dumps(dict(meta, index_save_id=None)))
+    (tmp_path / RETRIEVER_FAISS).write_bytes((tmp_path / "old" / RETRIEVER_FAISS).read_bytes())
+    TwoStageRetriever.load(tmp_path, again, model)
 
 def test_retriever_save_is_atomic_and_damaged_files_are_one_line_errors(processor, tmp_path):
     """Both files are written under temporary names and renamed, retriever.json last: a crash between the two renames
