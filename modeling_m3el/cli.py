@@ -142,10 +142,12 @@ def _index(args) -> int:
         except (OSError, json.JSONDecodeError) as error:
             raise SystemExit(f"error: --update: {digests_path} cannot be read ({error}), so which entities changed "
                              "is unknown; index without --update") from None
-        # the same model, and the same save of the index (None == None for an index and digests written before the
-        # index's save_id was kept)
-        if not isinstance(saved, dict) or (saved.get("fingerprint"), saved.get("save_id")) != (
-            previous.fingerprint, previous.save_id
+        # the same model, and the same encoding of the entities: the index's content id (kept when the index is saved
+        # again); digests written before it was kept name the index's save id (None for both before that was kept),
+        # which an index saved then has as content id
+        link = saved.get("content_id", saved.get("save_id")) if isinstance(saved, dict) else None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != previous.fingerprint or link not in (
+            previous.content_id, previous.save_id
         ):
             raise SystemExit(f"error: --update: {digests_path} does not belong to the index beside it (an "
                              "interrupted run?); index without --update")
@@ -165,8 +167,8 @@ def _index(args) -> int:
                                 for row in rows])
     # after the index: a crash between the two leaves digests of the previous save, which the next --update refuses
     # (it names the remedy: index without --update)
-    _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "save_id": index.save_id,
-                                          "entities": digests})
+    _write_json_atomically(digests_path, {"fingerprint": index.fingerprint, "content_id": index.content_id,
+                                          "save_id": index.save_id, "entities": digests})
     summary = ""
     if args.update and previous is None:
         summary = " (no index there yet: every entity encoded)"

@@ -174,14 +174,27 @@ def test_index_update_encodes_only_what_changed(saved, tmp_path, capsys):
         torch.testing.assert_close(updated.tensors[name], tensor, rtol=1e-5, atol=1e-5)
     assert main(command + ["--update"]) == 0  # nothing changed: nothing encoded
     assert "(7 entities reused; 0 encoded: 0 new, 0 changed; 0 dropped)" in capsys.readouterr().out
-    # the digests name the save of the index they describe: an index saved again without them (a run killed between
-    # the index and its digests) is not updated from them
+    # the digests name the encoding of the index they describe: the same index saved again still has them, but
+    # another index saved without them (a run killed between the index and its digests) is not updated from them
     digests = json.loads((tmp_path / "index" / "kb_digests.json").read_text())
-    assert digests["save_id"] == EntityIndex.load(tmp_path / "index").save_id is not None
+    assert digests["content_id"] == EntityIndex.load(tmp_path / "index").content_id is not None
     EntityIndex.load(tmp_path / "index").save(tmp_path / "index")
+    assert main(command + ["--update"]) == 0
+    assert "(7 entities reused; 0 encoded: 0 new, 0 changed; 0 dropped)" in capsys.readouterr().out
+    digests = json.loads((tmp_path / "index" / "kb_digests.json").read_text())
+    current = EntityIndex.load(tmp_path / "index")
+    current.select(current.entity_ids[::-1]).save(tmp_path / "index")
     with pytest.raises(SystemExit, match="kb_digests.json does not belong to the index beside it"):
         main(command + ["--update"])
-    (tmp_path / "index" / "kb_digests.json").write_text(json.dumps(digests))
+    current.save(tmp_path / "index")
+    # digests written before the content id was kept name the index's save id then
+    old = {key: value for key, value in digests.items() if key != "content_id"}
+    (tmp_path / "index" / "kb_digests.json").write_text(json.dumps(dict(old, save_id=current.save_id)))
+    assert main(command + ["--update"]) == 0
+    assert "(7 entities reused;" in capsys.readouterr().out
+    (tmp_path / "index" / "kb_digests.json").write_text(json.dumps(dict(old, save_id="another save")))
+    with pytest.raises(SystemExit, match="kb_digests.json does not belong to the index beside it"):
+        main(command + ["--update"])
     (tmp_path / "index" / "entity_index.json").write_text("{")
     with pytest.raises(SystemExit, match="--update: .*entity_index.json: not valid JSON.*; index without --update"):
         main(command + ["--update"])
