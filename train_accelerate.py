@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 
 from modeling_m3el import M3ELModel, M3ELProcessor
 from modeling_m3el.data import UniqueGoldBatchSampler, load_benchmark, process_training_batch
-from modeling_m3el.demo import DEMO_MANIFEST
 from modeling_m3el.evaluation import gold_ranks, index_rows, ranking_metrics
 from modeling_m3el.index_m3el import EntityIndex
-from modeling_m3el.model_card import DEMO_DATASET, write_model_card
+from modeling_m3el.model_card import write_model_card
 
 logger = logging.getLogger("m3el.train")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
@@ -519,9 +518,7 @@ def main(argv=None):
             from modeling_m3el.demo import write_demo_benchmark
 
             dataset_dir = write_demo_benchmark(config.demo_dir, seed=config.demo_seed)
-        benchmark = load_benchmark(dataset_dir)
-        if os.path.isfile(os.path.join(dataset_dir, DEMO_MANIFEST)):
-            benchmark.name = DEMO_DATASET  # written with WikiMEL's file names, so that the same loader reads it
+        benchmark = load_benchmark(dataset_dir)  # (the demo's folder loads under its own name)
     logger.info(benchmark.summary())
     demo_model = config.clip is None and config.init_from is None
     if config.dataset_dir is not None and demo_model and accelerator.is_main_process:

@@ -9,7 +9,6 @@ or `estimate`, the candidates of `EntityIndex.topk(candidates=K)` and of the pip
 
 import argparse
 import math
-import os
 
 import torch
 
@@ -17,7 +16,6 @@ from common import markdown_table, write_json
 
 from modeling_m3el import M3ELModel, M3ELProcessor
 from modeling_m3el.data import load_benchmark
-from modeling_m3el.demo import DEMO_MANIFEST
 from modeling_m3el.evaluation import index_rows
 from modeling_m3el.index_m3el import EntityIndex
 from modeling_m3el.retrieval import CandidateRecall, TwoStageRetriever
@@ -36,8 +34,6 @@ def main(argv=None):
     model = M3ELModel.from_pretrained(args.model).eval()
     processor = M3ELProcessor.from_pretrained(args.model)
     benchmark = load_benchmark(args.data, splits=[args.split])
-    if os.path.isfile(os.path.join(args.data, DEMO_MANIFEST)):
-        benchmark.name = "m3el-demo"
     index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
     mentions = benchmark.splits[args.split]
     with torch.no_grad():

@@ -25,11 +25,11 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .data import DEMO_MANIFEST
 from .processing_m3el import M3ELProcessor
 from .tiny import tiny_processor
 
 DEMO_VERSION = 1  # bump when the generated files change for a given seed and sizes
-DEMO_MANIFEST = "demo_manifest.json"
 DEMO_PREFIX = "WIKIMEL"  # split file names the loader resolves (WIKIMEL_train.json)
 
 # Ambiguous names; each takes `senses` of the domains below. The last one is stored percent-encoded, as in WikiMEL.

@@ -13,6 +13,8 @@ import textwrap
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .data import DEMO_MANIFEST, DEMO_NAME
+
 PAPER_URL = "https://arxiv.org/abs/2412.10440"
 TASK = "multimodal-entity-linking"  # the custom pipeline's task (pipeline_m3el.TASK)
 # The Hub's pipeline_tag must be one of its own tasks, and none of them is entity linking: "other" is the honest one
@@ -24,7 +26,7 @@ PLOTS_FOLDER = "plots"
 HITS_PLOT = f"{PLOTS_FOLDER}/hits_at_k.png"
 CURVES_PLOT = f"{PLOTS_FOLDER}/training_curves.png"
 EXAMPLES_FILE = "examples.jsonl"  # example mentions shipped with a published model (publish.py writes it)
-DEMO_DATASET = "m3el-demo"
+DEMO_DATASET = DEMO_NAME
 
 CITATION = """\
 @inproceedings{hu2025m3el,
@@ -77,7 +79,7 @@ def dataset_name_of(training_config: dict) -> str:
     folder = training_config.get("dataset_dir")
     if folder is None:
         return DEMO_DATASET
-    if os.path.isfile(os.path.join(folder, "demo_manifest.json")):
+    if os.path.isfile(os.path.join(folder, DEMO_MANIFEST)):
         return DEMO_DATASET
     return os.path.basename(os.path.normpath(folder))
 

@@ -85,7 +85,7 @@ def build_hub_folder(
     from .data import MissingSplitError, load_benchmark
     from .evaluation import index_rows
     from .index_m3el import EntityIndex
-    from .model_card import DEMO_DATASET, EXAMPLES_FILE, write_model_card
+    from .model_card import EXAMPLES_FILE, write_model_card
     from .pipeline_m3el import M3ELEntityLinkingPipeline
 
     if entity_images not in ENTITY_IMAGE_MODES:
@@ -116,7 +116,7 @@ def build_hub_folder(
         benchmark = load_benchmark(data_dir, splits=["test"])
     except MissingSplitError:
         benchmark = load_benchmark(data_dir, splits=[])
-    dataset_name = DEMO_DATASET if os.path.isfile(os.path.join(data_dir, "demo_manifest.json")) else benchmark.name
+    dataset_name = benchmark.name  # (the built-in demo's folder loads as DEMO_DATASET)
 
     temporary = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
