@@ -117,7 +117,7 @@ def parse_args(argv=None) -> TrainingConfig:
     if config.cross_modal not in ("text_to_image", "bidirectional"):
         parser.error(f"--cross_modal must be text_to_image or bidirectional, got {config.cross_modal!r}")
     for name in ("num_epochs", "per_device_batch_size", "gradient_accumulation_steps", "eval_every_epochs",
-                 "eval_batch_size", "entity_batch_size"):
+                 "eval_batch_size", "entity_batch_size", "checkpoints_total_limit"):
         if getattr(config, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if config.per_device_batch_size < 2:
@@ -324,8 +324,11 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[5:]))]
 
 
-def save_checkpoint(accelerator, config: TrainingConfig, state: TrainingState) -> None:
-    """Atomic: written to a temporary folder, then renamed; a crash never leaves a half checkpoint as `latest`."""
+def save_checkpoint(accelerator, config: TrainingConfig, state: TrainingState) -> str:
+    """
+    Atomic: written to a temporary folder, then renamed; a crash never leaves a half checkpoint as `latest`. A
+    checkpoint of the same step already there is moved aside first and deleted last. Returns the checkpoint's folder.
+    """
     final = os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step:08d}")
     temporary = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(temporary):
@@ -335,12 +338,16 @@ def save_checkpoint(accelerator, config: TrainingConfig, state: TrainingState) -
     if accelerator.is_main_process:
         with open(os.path.join(temporary, "training_config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=1)
+        replaced = final + ".old"
+        shutil.rmtree(replaced, ignore_errors=True)
         if os.path.exists(final):
-            shutil.rmtree(final)
+            os.replace(final, replaced)
         os.replace(temporary, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for old in checkpoint_dirs(config.output_dir)[: -config.checkpoints_total_limit]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    return final
 
 
 # What a resumed run may change: how long it runs, how and how often it evaluates, checkpoints and reports. Anything
@@ -380,15 +387,18 @@ def start_output_dir(accelerator, config: TrainingConfig) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_training_state(accelerator, config: TrainingConfig, state: TrainingState) -> None:
+def save_training_state(accelerator, config: TrainingConfig, state: TrainingState, folder: str | None) -> str:
     """
-    Replace the training state in the checkpoint of `state.global_step` (taken before a dev evaluation) by `state`,
-    atomically: written beside it, then renamed over it. Model, optimiser and RNG states are left as they are: an
+    After a dev evaluation: replace the training state in `folder`, the checkpoint taken before it, by `state`,
+    atomically (written beside it, then renamed over it). Model, optimiser and RNG states are left as they are: an
     evaluation does not change them. `state` is the only object registered for checkpointing: Accelerate keeps it
-    as `custom_checkpoint_0.pkl`.
+    as `custom_checkpoint_0.pkl`. A checkpoint outside this run's output_dir (resumed from another folder) is not
+    written to: a whole checkpoint is saved in output_dir instead. Returns the checkpoint's folder.
     """
+    own = os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step:08d}")
+    if folder is None or not (os.path.isdir(own) and os.path.isdir(folder) and os.path.samefile(folder, own)):
+        return save_checkpoint(accelerator, config, state)
     if accelerator.is_main_process:
-        folder = os.path.join(config.output_dir, "checkpoints", f"step_{state.global_step:08d}")
         temporary = folder + ".state.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
@@ -396,6 +406,7 @@ def save_training_state(accelerator, config: TrainingConfig, state: TrainingStat
         os.replace(os.path.join(temporary, "custom_checkpoint_0.pkl"), os.path.join(folder, "custom_checkpoint_0.pkl"))
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
+    return folder
 
 
 def trim_log(output_dir: str, global_step: int, eval_due: bool = False) -> None:
@@ -569,6 +580,7 @@ def main(argv=None):
         accelerator.init_trackers("m3el", config=dataclasses.asdict(config))
 
     # 5. Resume.
+    checkpoint = None  # the checkpoint holding the current state
     if config.resume_from_checkpoint:
         path = config.resume_from_checkpoint
         if path == "latest":
@@ -579,6 +591,7 @@ def main(argv=None):
         else:
             check_resumable(path, config)
             accelerator.load_state(path)
+            checkpoint = path
             if state.global_batch != global_batch:  # (the number of processes times the batch per device)
                 raise ValueError(f"{path} was trained with batches of {state.global_batch} mentions over all "
                                  f"processes, this run's are {global_batch}: resume on as many processes as it was "
@@ -634,7 +647,7 @@ def main(argv=None):
                     logger.info("No better dev MRR in %d evaluations: stopping", config.early_stopping_patience)
                     stop = True
             state.eval_due = -1
-            save_training_state(accelerator, config, state)
+            checkpoint = save_training_state(accelerator, config, state, checkpoint)
         if stop or state.epoch >= config.num_epochs:
             break
         batch_sampler.set_epoch(state.epoch)
@@ -663,11 +676,14 @@ def main(argv=None):
                 state.global_step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{running / count:.4f}")
-                if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, config, state)
                 if config.max_train_steps and state.global_step >= config.max_train_steps:
                     stop = True
                     break
+                # (not at the epoch's last step: the epoch's checkpoint follows, with its evaluation owed, if any)
+                if config.checkpointing_steps and state.global_step % config.checkpointing_steps == 0 and (
+                    state.step_in_epoch < batches_in_epoch
+                ):
+                    checkpoint = save_checkpoint(accelerator, config, state)
         epoch_loss = accelerator.reduce(torch.tensor(running / max(count, 1), device=accelerator.device), "mean")
         unreadable = int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device), "sum").item())
         if unreadable and accelerator.is_main_process:
@@ -682,7 +698,7 @@ def main(argv=None):
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if (finished_epoch + 1) % config.eval_every_epochs == 0 or state.epoch == config.num_epochs or stop:
             state.eval_due = finished_epoch  # (done at the loop's top, once this checkpoint holds the epoch's work)
-        save_checkpoint(accelerator, config, state)
+        checkpoint = save_checkpoint(accelerator, config, state)
     progress.close()
     accelerator.wait_for_everyone()
 

@@ -81,20 +81,22 @@ def ranking_figures(ranks: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def rank_with(model_folder: str, tensors: dict, entity_ids: list[str], gold_ids: list[str], model_dtype: str,
-              index_dtype: str, device, batch_size: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+              index_dtype: str, device, batch_size: int, scores: bool = False) -> tuple:
     """Gold ranks of every mention with the model loaded in `model_dtype` and the index kept in `index_dtype`, which
-    G2L path scored them, and every (mention, entity) score (float32, on the CPU)."""
+    G2L path scored them, and with `scores` every (mention, entity) score (float32, on the CPU; else None)."""
     model = M3ELModel.from_pretrained(model_folder, dtype=getattr(torch, model_dtype)).to(device).eval()
     entities = {name: tensors[f"entity.{name}"] for name in INPUTS}
     index = EntityIndex.from_inputs(model, entities, entity_ids, dtype=getattr(torch, index_dtype))
-    ranks, scores = [], []
+    ranks, all_scores = [], []
     for start in range(0, len(gold_ids), batch_size):
         batch = {name: tensors[f"mention.{name}"][start : start + batch_size].to(device) for name in INPUTS}
         features = model.encode(**batch)
         ranks.append(index.rank(model, features, gold_ids[start : start + batch_size]).cpu())
-        scores.append(index.scores(model, features).float().cpu())
+        if scores:
+            all_scores.append(index.scores(model, features).float().cpu())
     synchronize(device)
-    return torch.cat(ranks), "fused kernel" if index._fused() else "PyTorch", torch.cat(scores)
+    return (torch.cat(ranks), "fused kernel" if index._fused() else "PyTorch",
+            torch.cat(all_scores) if scores else None)
 
 
 def rank_changes(ranks: torch.Tensor, reference: torch.Tensor, scores: torch.Tensor, gold: torch.Tensor) -> list:
@@ -106,7 +108,8 @@ def rank_changes(ranks: torch.Tensor, reference: torch.Tensor, scores: torch.Ten
         gold_score = float(row[gold[mention]])
         row[gold[mention]] = float("-inf")
         margin = gold_score - float(row.max())
-        changes.append((mention, int(reference[mention]), int(ranks[mention]), margin, margin / abs(gold_score)))
+        relative = margin / abs(gold_score) if gold_score else float("nan")
+        changes.append((mention, int(reference[mention]), int(ranks[mention]), margin, relative))
     return changes
 
 
@@ -139,7 +142,7 @@ def main(argv=None) -> int:
     gold = torch.tensor([position[entity_id] for entity_id in gold_ids])
     for model_dtype, index_dtype in CONFIGURATIONS:
         ranks, path, scores = rank_with(args.model, tensors, entity_ids, gold_ids, model_dtype, index_dtype, device,
-                                        args.batch_size)
+                                        args.batch_size, scores=reference is None)
         if reference is None:
             reference, reference_scores = ranks, scores
         changes = rank_changes(ranks, reference, reference_scores, gold)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from transformers import BatchFeature
 
+from .model_card import DEMO_DATASET, DEMO_MANIFEST
+
 SPLITS = ("train", "dev", "test")
 
 # Split file prefixes of the release, per dataset (the authors' configs: WIKIMEL_train.json, WikiDiverse_dev.json).
@@ -200,12 +202,6 @@ def _unknown_fields(file: str, fields: dict[str, tuple[int, int]], known: Sequen
 # --------------------------------------------------------------------------------------------------- loaders
 
 
-# Written by `modeling_m3el.demo` beside the demo benchmark it generates, in the release layout with WikiMEL's file
-# names: a folder holding it loads under the demo's name, not WikiMEL's.
-DEMO_MANIFEST = "demo_manifest.json"
-DEMO_NAME = "m3el-demo"
-
-
 def load_benchmark(root, splits: Sequence[str] | None = None, name: str | None = None) -> MELBenchmark:
     """
     Load a folder in either layout: `entities.jsonl` means JSON Lines (`load_jsonl_benchmark`), `kb_entity.json`
@@ -224,14 +220,15 @@ def load_mimic_benchmark(root, splits: Sequence[str] | None = None, name: str | 
     Load WikiMEL, RichpediaMEL or WikiDiverse from the release layout, as the authors' code read it: entities sorted
     by `id`, gold answers (QIDs) mapped through `qid2id.json`, a mention's image found by the base name of `imgPath`
     with a `.jpg` extension (the release converted every mention image to jpg). `name` is resolved from the split
-    file names present when not given (the built-in demo's folder: `DEMO_NAME`). Missing image files are counted and
+    file names present when not given (the built-in demo's folder, which `modeling_m3el.demo` writes in this
+    layout with WikiMEL's file names and a `DEMO_MANIFEST`: `DEMO_DATASET`). Missing image files are counted and
     reported, the mention or entity kept.
     """
     root = os.path.abspath(root)
     given = name
     name, split_files, notes = _benchmark_split_files(root, name, SPLITS if splits is None else tuple(splits))
     if given is None and os.path.isfile(os.path.join(root, DEMO_MANIFEST)):
-        name = DEMO_NAME
+        name = DEMO_DATASET
     report = MELReport(notes=notes)
     files = _FileIndex()
 

@@ -25,7 +25,7 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import DEMO_MANIFEST
+from .model_card import DEMO_MANIFEST
 from .processing_m3el import M3ELProcessor
 from .tiny import tiny_processor
 

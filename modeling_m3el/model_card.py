@@ -13,8 +13,6 @@ import textwrap
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .data import DEMO_MANIFEST, DEMO_NAME
-
 PAPER_URL = "https://arxiv.org/abs/2412.10440"
 TASK = "multimodal-entity-linking"  # the custom pipeline's task (pipeline_m3el.TASK)
 # The Hub's pipeline_tag must be one of its own tasks, and none of them is entity linking: "other" is the honest one
@@ -26,7 +24,10 @@ PLOTS_FOLDER = "plots"
 HITS_PLOT = f"{PLOTS_FOLDER}/hits_at_k.png"
 CURVES_PLOT = f"{PLOTS_FOLDER}/training_curves.png"
 EXAMPLES_FILE = "examples.jsonl"  # example mentions shipped with a published model (publish.py writes it)
-DEMO_DATASET = DEMO_NAME
+# The built-in demo benchmark's name, and the file `modeling_m3el.demo` writes beside it (its folder loads under that
+# name). Here, in a module with no heavy imports, for the loaders and the card alike.
+DEMO_DATASET = "m3el-demo"
+DEMO_MANIFEST = "demo_manifest.json"
 
 CITATION = """\
 @inproceedings{hu2025m3el,

@@ -164,6 +164,15 @@ def test_a_run_failing_in_its_dev_evaluation_keeps_the_epoch_and_resumes_to_the_
     assert [path.name for path in sorted((crashed / "checkpoints").iterdir())] == ["step_00000020", "step_00000024"]
     state = torch.load(crashed / "checkpoints" / "step_00000024" / "custom_checkpoint_0.pkl", weights_only=False)
     assert state["eval_due"] == 1 and [row["epoch"] for row in state["history"]] == [0]
+    # resumed into another output_dir: the checkpoint it came from is left as it was, the evaluated state saved there
+    elsewhere = tmp_path / "elsewhere"
+    launch([*_resume_args(demo), "--output_dir", str(elsewhere), "--resume_from_checkpoint",
+            str(crashed / "checkpoints" / "step_00000024")])
+    _assert_same_result(elsewhere, straight)
+    assert torch.load(crashed / "checkpoints" / "step_00000024" / "custom_checkpoint_0.pkl",
+                      weights_only=False) == state
+    assert torch.load(elsewhere / "checkpoints" / "step_00000036" / "custom_checkpoint_0.pkl",
+                      weights_only=False)["eval_due"] == -1
     (crashed / "log.jsonl").open("a").write('{"step": 24, "val/mrr": 0.5}\n')  # as if it died just after logging
     launch([*_resume_args(demo), "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"])
     _assert_same_result(crashed, straight)
@@ -302,6 +311,10 @@ def test_list_options_and_init_from_on_the_command_line(tmp_path, capsys):
         del sys.path[0]
     assert parse_args(["--lora_target_modules", "q_proj", "v_proj"]).lora_target_modules == ["q_proj", "v_proj"]
     assert parse_args(["--lora_target_modules", "q_proj"]).lora_target_modules == ["q_proj"]
+    for limit in ("0", "-1"):  # (-1 would delete each checkpoint but the first as soon as it is written)
+        with pytest.raises(SystemExit):
+            parse_args(["--checkpoints_total_limit", limit])
+        assert "--checkpoints_total_limit must be at least 1" in capsys.readouterr().err
     from modeling_m3el import M3ELModel
     from modeling_m3el.demo import demo_processor
     from modeling_m3el.tiny import tiny_config
