@@ -344,3 +344,42 @@ def test_a_register_cap_is_compiled_in(tmp_path):
     assert sorted(r["grid"] for r in results) == ["candidates"] * 2 + ["no"] * 2 + ["yes"] * 2
     for result in results:
         assert result["registers"] <= (64 if result["grid"] == "candidates" else 96), result
+
+
+def test_plot_results_plots_speed_ratios_from_the_benchmarks_json(tmp_path):
+    """The plotted series are the JSON's speeds divided by the same run's baseline (the naive loop; exact ranking),
+    one PNG per JSON file; a benchmark without a plot is named, not plotted."""
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from plot_results import exact_series, two_stage_series
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    exact = {"benchmark": "exact_ranking", "machine": "2-core CPU", "args": {"device": "cpu"}, "results": [
+        {"entities": 6000, "naive_mentions_per_s": 2.0, "full_mentions_per_s": 10.0, "exact_mentions_per_s": 300.0},
+        {"entities": 110000, "naive_mentions_per_s": 10.0, "full_mentions_per_s": 140.0,
+         "exact_mentions_per_s": 280.0, "fast_mentions_per_s": 560.0, "fast_dtype": "bfloat16"}]}
+    series = exact_series(exact)
+    assert [group["entities"] for group in series] == [6000, 110000]
+    assert series[0]["labels"] == ["every pair, float32", "pruned, float32"] and series[0]["ratios"] == [5.0, 150.0]
+    assert series[1]["labels"] == ["every pair, float32", "pruned, float32", "pruned, bfloat16"]
+    assert series[1]["ratios"] == [14.0, 28.0, 56.0] and series[1]["mentions_per_s"] == [140.0, 280.0, 560.0]
+    two_stage = {"benchmark": "two_stage", "machine": "NVIDIA H200; torch", "args": {"device": "cuda"}, "results": [
+        {"entities": 1000, "backend": "flat", "k": k, "k_percent": k / 10, "mentions_per_s": speed,
+         "exact_mentions_per_s": 100.0, "recall": recall} for k, speed, recall in ((5, 800.0, 0.9), (20, 400.0, 1.0))
+    ] + [{"entities": 1000, "backend": "torch", "k": 5, "k_percent": 0.5, "mentions_per_s": 1000.0,
+          "exact_mentions_per_s": 100.0, "recall": 0.95}]}
+    lines = two_stage_series(two_stage)
+    assert [(line["backend"], line["k_percent"], line["ratios"], line["recall"]) for line in lines] == [
+        ("flat", [0.5, 2.0], [8.0, 4.0], [0.9, 1.0]), ("torch", [0.5], [10.0], [0.95])]
+    files = []
+    for name, payload in (("exact", exact), ("two_stage", two_stage), ("training", {"benchmark": "training"})):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(payload))
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "plot_results.py"), *map(str, files), "--out",
+                                str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["exact.png", "two_stage.png"]
+    for name in ("exact.png", "two_stage.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not plotted (no plot for these benchmarks): " in completed.stderr and "'training'" in completed.stderr
