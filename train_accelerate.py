@@ -307,6 +307,10 @@ class TrainingState:
     # evaluation, so a crash or kill during the evaluation (an out-of-memory error, say) loses no training: the
     # resumed run evaluates first. The evaluation's outcome then replaces this state in that checkpoint.
     eval_due: int = -1
+    # The evaluation found a better model, which `best_model/` does not hold yet: written from the checkpoint's
+    # weights (those evaluated) after the state saying so, so that a crash between the two cannot leave `best_model/`
+    # and `best_epoch` disagreeing.
+    best_due: bool = False
 
     def state_dict(self):
         return dataclasses.asdict(self)
@@ -639,14 +643,18 @@ def main(argv=None):
             state.history.append({"epoch": epoch, "step": state.global_step, **metrics})
             if metrics["mrr"] > state.best_mrr:
                 state.best_mrr, state.best_epoch, state.evaluations_without_improvement = metrics["mrr"], epoch, 0
-                if accelerator.is_main_process:
-                    save_model_folder(merge_lora_copy(unwrapped, config), processor, best_dir)
+                state.best_due = True
             else:
                 state.evaluations_without_improvement += 1
                 if state.evaluations_without_improvement >= config.early_stopping_patience:
                     logger.info("No better dev MRR in %d evaluations: stopping", config.early_stopping_patience)
                     stop = True
             state.eval_due = -1
+            checkpoint = save_training_state(accelerator, config, state, checkpoint)
+        if state.best_due:
+            if accelerator.is_main_process:
+                save_model_folder(merge_lora_copy(unwrapped, config), processor, best_dir)
+            state.best_due = False
             checkpoint = save_training_state(accelerator, config, state, checkpoint)
         if stop or state.epoch >= config.num_epochs:
             break

@@ -132,13 +132,15 @@ def test_killed_run_resumes_to_the_same_result(demo, straight, tmp_path):
     _assert_same_result(killed, straight)
 
 
-# train_accelerate.py with its dev evaluation failing on the epoch given as the first argument.
+# train_accelerate.py with its dev evaluation failing on the epoch given as the first argument, or (epoch -1) with
+# the first write of best_model failing.
 FAILING_EVALUATION = """
 import sys
 sys.path.insert(0, sys.argv.pop(1))
 import train_accelerate
 
-real, failing_epoch = train_accelerate.evaluate_split, int(sys.argv.pop(1))
+real, real_save = train_accelerate.evaluate_split, train_accelerate.save_model_folder
+failing_epoch = int(sys.argv.pop(1))
 calls = []
 
 def evaluate_split(accelerator, model, processor, benchmark, split, config):
@@ -147,7 +149,13 @@ def evaluate_split(accelerator, model, processor, benchmark, split, config):
         raise RuntimeError("simulated out-of-memory error in the dev evaluation")
     return real(accelerator, model, processor, benchmark, split, config)
 
+def save_model_folder(model, processor, folder, extra_files=None):
+    if failing_epoch == -1 and folder.endswith("best_model"):
+        raise RuntimeError("simulated crash before best_model is written")
+    return real_save(model, processor, folder, extra_files)
+
 train_accelerate.evaluate_split = evaluate_split
+train_accelerate.save_model_folder = save_model_folder
 train_accelerate.main(sys.argv[1:])
 """
 
@@ -181,6 +189,21 @@ def test_a_run_failing_in_its_dev_evaluation_keeps_the_epoch_and_resumes_to_the_
                  for line in (run / "log.jsonl").read_text().splitlines()] for run in (crashed, straight)]
     assert timeless[0] == timeless[1]
     assert [row["step"] for row in timeless[0] if "val/mrr" in row] == [12, 24, 36]
+
+
+def test_a_run_dying_before_writing_its_best_model_writes_it_when_resumed(demo, straight, tmp_path):
+    """The state saying that an evaluation found a better model is saved before best_model/ is written from the
+    checkpoint's weights: a crash between the two is made good when resumed, best_model/ being those weights."""
+    crashed = tmp_path / "crashed"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-c", FAILING_EVALUATION, str(ROOT), "-1", *_resume_args(demo),
+                             "--output_dir", str(crashed)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "simulated crash before best_model" in result.stderr, result.stderr[-3000:]
+    state = torch.load(crashed / "checkpoints" / "step_00000012" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert (state["eval_due"], state["best_due"], state["best_epoch"]) == (-1, True, 0)
+    assert not (crashed / "best_model").exists()
+    launch([*_resume_args(demo), "--output_dir", str(crashed), "--resume_from_checkpoint", "latest"])
+    _assert_same_result(crashed, straight)
 
 
 def test_lora_run_exports_merged_weights(demo, tmp_path):
