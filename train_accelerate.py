@@ -301,6 +301,7 @@ class TrainingState:
     global_batch: int = 0  # mentions per optimiser step's batch, over every process (checked on resume)
     best_mrr: float = -1.0
     best_epoch: int = -1
+    best_step: int = -1  # the optimiser step of the best model (its epoch may be partial: a max_train_steps stop)
     evaluations_without_improvement: int = 0
     history: list = field(default_factory=list)
     # The finished epoch whose dev evaluation is owed (-1: none). The epoch's checkpoint is taken before its
@@ -643,6 +644,7 @@ def main(argv=None):
             state.history.append({"epoch": epoch, "step": state.global_step, **metrics})
             if metrics["mrr"] > state.best_mrr:
                 state.best_mrr, state.best_epoch, state.evaluations_without_improvement = metrics["mrr"], epoch, 0
+                state.best_step = state.global_step
                 state.best_due = True
             else:
                 state.evaluations_without_improvement += 1
@@ -717,7 +719,8 @@ def main(argv=None):
     if accelerator.is_main_process:
         final = os.path.join(config.output_dir, "model")
         files = {
-            "test_results.json": json.dumps({**results, "best_epoch": state.best_epoch}, indent=1),
+            "test_results.json": json.dumps({**results, "best_epoch": state.best_epoch, "best_step": state.best_step},
+                                            indent=1),
             "training_config.json": json.dumps(dataclasses.asdict(config), indent=1),
         }
         save_model_folder(best, processor, final, extra_files=files)

@@ -347,7 +347,12 @@ def model_card(
         "shapes, generated sentences). It shows the machinery working end to end and is of no use on real data."
         if dataset_name == DEMO_DATASET else ""
     )
-    best_epoch = results.get("best_epoch")
+    best_epoch, best_step = results.get("best_epoch"), results.get("best_step")
+    best = ""
+    if best_epoch is not None and best_step is not None and best_step >= 0:  # (-1: resumed from an older checkpoint)
+        best = f"; best dev MRR at optimiser step {best_step}, in epoch {best_epoch + 1} (counted from 1)"
+    elif best_epoch is not None:
+        best = f"; best dev MRR after epoch {best_epoch + 1} (counted from 1)"
     body = f"""
 # {model_name}
 
@@ -363,7 +368,7 @@ This checkpoint was trained with `train_accelerate.py` of the `m3el` package fro
 ## Results
 
 Test split of {dataset_name}{f", {count} mentions" if count else ""}, each ranked {against} (ties count against the
-gold entity){f"; best dev MRR after epoch {best_epoch + 1} (counted from 1)" if best_epoch is not None else ""}.
+gold entity){best}.
 
 {_results_table(results) if results else "*No test results in this folder.*"}
 

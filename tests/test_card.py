@@ -74,6 +74,15 @@ def test_card_of_a_plain_training_run_and_the_make_card_script(demo_run, tmp_pat
     card = model_card(model_dir, plots=False, dataset_name="m3el-demo")
     assert "pipeline(" not in card.text and "AutoModel.from_pretrained" in card.text
     assert "![" not in card.text
+    results = json.loads((model_dir / "test_results.json").read_text())
+    assert results["best_step"] > 0 and results["best_epoch"] >= 0
+    assert (f"best dev MRR at optimiser step {results['best_step']}, in epoch {results['best_epoch'] + 1} (counted "
+            "from 1)") in card.text
+    # results of a run before the best step was kept: the epoch alone
+    (model_dir / "test_results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "best_step"}))
+    older = model_card(model_dir, plots=False, dataset_name="m3el-demo")
+    assert f"best dev MRR after epoch {results['best_epoch'] + 1} (counted from 1)" in older.text
+    (model_dir / "test_results.json").write_text(json.dumps(results))
     result = subprocess.run([sys.executable, str(ROOT / "hub_card" / "make_card.py"), str(model_dir), "--model-id",
                              "me/m3el-demo"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
