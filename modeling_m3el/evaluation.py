@@ -22,11 +22,10 @@ def load_ranking_metric(**kwargs):
 
 def index_rows(entities) -> list[dict]:
     """Entity rows of a loaded benchmark -> `EntityIndex.build` records (the first image, as in evaluation)."""
-    return [
-        {"id": row["id"], "name": row["name"], "description": row["description"],
-         "image": row["images"][0] if row["images"] else None}
-        for row in entities
-    ]
+    # column by column (a `datasets.Dataset` read row by row costs about 30 microseconds a row: 30 s at 1M entities)
+    columns = zip(entities["id"], entities["name"], entities["description"], entities["images"])
+    return [{"id": entity_id, "name": name, "description": description, "image": images[0] if images else None}
+            for entity_id, name, description, images in columns]
 
 
 @torch.no_grad()

@@ -611,10 +611,15 @@ class EntityIndex:
             chunk_size = self.chunk_size_for(num_mentions, self._piece_bytes(memory_budget_bytes))
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-        pieces = []
+        # One output, allocated once and filled chunk by chunk: gathering the chunks' results and joining them would
+        # hold both (and, on the CPU, leave the allocator holding thousands of freed pieces).
+        scores = None
         for start in range(0, len(self), chunk_size):
-            pieces.append(model.score_prepared(mentions, self._prepared(start, start + chunk_size)).logits)
-        return torch.cat(pieces, dim=1)
+            piece = model.score_prepared(mentions, self._prepared(start, start + chunk_size)).logits
+            if scores is None:
+                scores = piece.new_empty((piece.shape[0], len(self)))
+            scores[:, start : start + piece.shape[1]] = piece
+        return scores
 
     def _piece_bytes(self, memory_budget_bytes: int) -> int:
         """

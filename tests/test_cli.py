@@ -233,3 +233,24 @@ def test_eval_among_candidates_reports_what_the_pipeline_would_link(saved, capsy
     assert results["mrr"] == pytest.approx(json.loads((root / "results.json").read_text())["mrr"])
     with pytest.raises(SystemExit, match="--candidates must be a positive integer"):
         main([*arguments, "--candidates", "0"])
+
+
+def test_an_update_takes_each_entitys_rows_from_where_they_are():
+    """`m3el index --update` assembles the new index in one pass (each tensor allocated once): rows reused from the
+    previous index, rows encoded anew, in the KB's new order, equal to selecting and concatenating."""
+    from modeling_m3el.cli import _updated_index
+
+    torch.manual_seed(0)
+    previous = EntityIndex({"a": torch.randn(6, 3), "b": torch.randn(6, 2, 4)}, [f"E{i}" for i in range(6)], "fp", "16")
+    encoded = EntityIndex({"a": torch.randn(2, 3), "b": torch.randn(2, 2, 4)}, ["N1", "E3"], "fp", "16")
+    order = ["E5", "N1", "E0", "E3", "E2"]  # E1 and E4 dropped, E3 changed, N1 new
+    updated = _updated_index(previous, ["E5", "E0", "E2"], encoded, order)
+    expected = EntityIndex.concat([previous.select(["E5", "E0", "E2"]), encoded]).select(order)
+    assert updated.entity_ids == order and (updated.fingerprint, updated.float16_fingerprint) == ("fp", "16")
+    for name, tensor in expected.tensors.items():
+        assert torch.equal(updated.tensors[name], tensor), name
+    assert updated.content_id not in (previous.content_id, encoded.content_id)
+    # nothing encoded: a reorder or a drop is a new index; the same entities in the same order are the same encoding
+    dropped = _updated_index(previous, ["E4", "E0"], None, ["E4", "E0"])
+    assert torch.equal(dropped.tensors["b"], previous.tensors["b"][[4, 0]])
+    assert _updated_index(previous, previous.entity_ids, None, previous.entity_ids).content_id == previous.content_id
