@@ -184,7 +184,7 @@ def _updated_index(previous, reused: list[str], encoded, order: list[str]):
     The index of `order`'s entities: the `reused` ones' rows from `previous`, the others' from `encoded` (None: none).
     Each tensor is allocated once and filled in slices, so the update holds the previous index (memory-mapped) and the
     new one, not the copies a select, a concatenation and a reorder would make (about 4.7 times the index at 1M
-    entities). Nothing encoded and the order unchanged: `previous` as it is (its content id kept).
+    entities). Nothing encoded and the same entities in the same order: a copy of `previous`, its content id kept.
     """
     import torch
 
