@@ -223,9 +223,8 @@ class EntityIndex:
     write of the files). An encoding (`build`, `from_inputs`, `from_features`), a subset or a union (`select`,
     `concat`) or the constructor without `content_id` makes a new content id; `save`/`load` and `to` (a move or a
     dtype cast of the same encoding) keep it, and so does the constructor given it (e.g. to stamp other fingerprints
-    on the same tensors). Every `save` makes a
-    new save id. What was built on an index's content (a `TwoStageRetriever`) checks `content_id`, so it survives
-    re-saves; the files' consistency (`load`) checks both.
+    on the same tensors). Every `save` makes a new save id. What was built on an index's content (a
+    `TwoStageRetriever`) checks `content_id`, so it survives re-saves; the files' consistency (`load`) checks both.
     """
 
     # How the pruned `rank` and `topk` score their undecided pairs through the fused kernel (CUDA): "candidates",
