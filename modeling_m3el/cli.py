@@ -223,7 +223,7 @@ def _convert(args) -> int:
 
 def _link(args) -> int:
     from .index_m3el import INDEX_META, check_candidates
-    from .pipeline_m3el import M3ELEntityLinkingPipeline, check_top_k
+    from .pipeline_m3el import ENTITIES_FILE, M3ELEntityLinkingPipeline, check_top_k
 
     # the arguments first: a mistake is said before the model loads
     for flag, value in (("--mention", args.mention), ("--sentence", args.sentence)):
@@ -240,22 +240,26 @@ def _link(args) -> int:
                          "link with a folder built by m3el export, which carries its KB's index")
     model, processor = _load_model(args.model, args.dtype, args.device)
     index = _load_index(args.index, model) if args.index else None
-    entities = args.entities or (
-        os.path.join(args.index, "entities.jsonl")
-        if args.index and os.path.isfile(os.path.join(args.index, "entities.jsonl")) else None
-    )
+    # by default the metadata beside the index: in --index, or in a local model folder that carries its index
+    beside = os.path.join(args.index or args.model, ENTITIES_FILE)
+    entities = args.entities or (beside if os.path.isfile(beside) else None)
     try:
-        linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=entities,
-                                           device=model.device)
+        # the metadata of the results only, read after ranking: not every line of a large KB's file
+        linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index,
+                                           entities=[] if entities else None, device=model.device)
         results = linker({"mention": args.mention, "text": args.sentence, "image": args.image}, top_k=args.top_k,
                          candidates=args.candidates, unreadable_image=args.unreadable_image)
+        if entities:
+            linker.set_entities(entities, ids=[entity["id"] for entity in results])
+            results = [{**entity, **linker.describe(entity["id"])} for entity in results]
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.json:
         print(json.dumps(results, indent=1, ensure_ascii=False))
     else:
         for entity in results:
-            print(f"{entity['rank']:>3}  {entity['score']:9.4f}  {entity['probability']:6.3f}  {entity['id']}  "
+            # probabilities over a large KB can be small: three significant digits rather than three decimals
+            print(f"{entity['rank']:>3}  {entity['score']:9.4f}  {entity['probability']:9.3g}  {entity['id']}  "
                   f"{entity['name'] or ''}  {entity['description'] or ''}")
     return 0
 

@@ -1,8 +1,10 @@
 """The `multimodal-entity-linking` pipeline: mentions (a name, its sentence, its image) in, a KB's top-k entities out."""
 
+import hashlib
 import json
 import numbers
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -14,20 +16,33 @@ from .index_m3el import INDEX_META, INDEX_WEIGHTS, EntityIndex, check_candidates
 
 TASK = "multimodal-entity-linking"
 ENTITIES_FILE = "entities.jsonl"  # the KB's metadata, one entity a line, in the JSON Lines benchmark layout
+LOCAL_IMAGE_FOLDER = "entity_images/local"  # `save_pretrained`'s copies of entity images referenced by absolute paths
 MENTION_FIELDS = ("mention", "text", "image")
 UNREADABLE_IMAGE_MODES = ("error", "zero")
 
 
-def load_entities(path: str | os.PathLike) -> list[dict]:
+def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
     """
     Read a KB's metadata: JSON Lines of `{"id": str, "name": str, "description": str, "images": [str]}` (`images`
     optional; paths relative to the file's folder, absolute paths or URLs), the layout of the benchmark loader's
-    `entities.jsonl`.
+    `entities.jsonl`. `ids`: only the records of these entity ids, for a few results of a large KB. Lines that cannot
+    hold one of them (their id's JSON string is not in the line) are then not parsed, so not checked either; the
+    file is parsed in full when a wanted id was not found that way (an id written with escapes).
     """
+    wanted = markers = None
+    if ids is not None:
+        wanted = {str(i) for i in ids}
+        if not wanted:
+            return []
+        # the ids as JSON strings, either way of writing non-ASCII characters (one regular expression: twice as fast
+        # as testing each in turn, half a second for a million lines)
+        markers = re.compile("|".join(
+            re.escape(marker) for i in sorted(wanted) for marker in {json.dumps(i), json.dumps(i, ensure_ascii=False)}
+        ))
     entities = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
+            if markers is not None and markers.search(line) is None or not line.strip():
                 continue
             try:
                 record = json.loads(line)
@@ -35,7 +50,10 @@ def load_entities(path: str | os.PathLike) -> list[dict]:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("id"), str):
                 raise ValueError(f"{path}, line {number}: an entity needs a string 'id'")
-            entities.append(record)
+            if wanted is None or record["id"] in wanted:
+                entities.append(record)
+    if wanted is not None and not wanted <= {record["id"] for record in entities}:
+        return [record for record in load_entities(path) if record["id"] in wanted]
     return entities
 
 
@@ -157,22 +175,26 @@ class M3ELEntityLinkingPipeline(Pipeline):
         index, folder, records = self._resolve_index(index)
         self.index = index.to(device=self.device, dtype=self.model.dtype)
         self._entity_folder = folder  # where relative entity image paths live: a local folder or a Hub repo id
-        if entities is not None:
-            if isinstance(entities, (str, os.PathLike)):
-                self._entity_folder = os.path.dirname(os.path.abspath(entities))
-                records = load_entities(entities)
-            else:
-                records = list(entities)
-        elif records is None and folder is not None:
+        if entities is None and records is None and folder is not None:  # (image paths stay relative to `folder`)
             path = self._find_file(folder, ENTITIES_FILE)
-            if path is not None:
-                records = load_entities(path)
-        self.entities = {str(record["id"]): record for record in records or []}
+            records = load_entities(path) if path is not None else None
+        self.set_entities(entities if entities is not None else records or [])
         missing = [entity_id for entity_id in self.index.entity_ids if entity_id not in self.entities]
         if self.entities and missing:
             warnings.warn(f"{len(missing)} indexed entities have no metadata (e.g. {missing[:3]}); their names are None")
 
     # ------------------------------------------------------------------------------------------------ the KB
+
+    def set_entities(self, entities: str | os.PathLike | list[dict], ids=None) -> None:
+        """
+        The KB's metadata shown with the results: an `entities.jsonl` path (relative image paths are then relative
+        to its folder) or a list of dicts. `ids`: read only these entities' records from the file (`load_entities`),
+        e.g. those of results already ranked, rather than a large KB's every line.
+        """
+        if isinstance(entities, (str, os.PathLike)):
+            self._entity_folder = os.path.dirname(os.path.abspath(entities))
+            entities = load_entities(entities, ids)
+        self.entities = {str(record["id"]): record for record in entities}
 
     def _find_file(self, folder: str, name: str) -> str | None:
         """`name` in a local folder, or fetched from a Hub repo (None when it has no such file)."""
@@ -318,17 +340,16 @@ class M3ELEntityLinkingPipeline(Pipeline):
             start=1,
         ):
             entity_id = self.index.entity_ids[row]
-            record = self.entities.get(entity_id, {})
-            results.append({
-                "rank": rank,
-                "id": entity_id,
-                "name": record.get("name"),
-                "description": record.get("description"),
-                "score": score,
-                "probability": probability,
-                "image": self.entity_image(entity_id),
-            })
+            described = self.describe(entity_id)
+            image = described.pop("image")
+            results.append({"rank": rank, **described, "score": score, "probability": probability, "image": image})
         return results
+
+    def describe(self, entity_id: str) -> dict:
+        """What the results show of an entity: `id`, `name`, `description` and `image` (see `entity_image`)."""
+        record = self.entities.get(entity_id, {})
+        return {"id": entity_id, "name": record.get("name"), "description": record.get("description"),
+                "image": self.entity_image(entity_id)}
 
     # ------------------------------------------------------------------------------------------------- saving
 
@@ -336,9 +357,10 @@ class M3ELEntityLinkingPipeline(Pipeline):
         """
         Everything `pipeline("multimodal-entity-linking", model=save_directory, trust_remote_code=True)` needs: the
         model and its code with this pipeline's (registered in config.json's `custom_pipelines`), the processor, the
-        entity index and the KB's metadata (`entities.jsonl`, image references written as they are held). Entity
-        images referenced by a path relative to the KB's folder are copied along, to the same relative path; URLs and
-        absolute paths are written as they are.
+        entity index and the KB's metadata (`entities.jsonl`). Entity images go with it, so that the folder shows them
+        on another machine: an image referenced by a path relative to the KB's folder is copied to the same relative
+        path; one referenced by an absolute path (as `m3el index` writes them) is copied to
+        `entity_images/local/<digest of the path><extension>`, and referenced there. URLs are written as they are.
         """
         from transformers.dynamic_module_utils import custom_object_save
 
@@ -362,18 +384,23 @@ class M3ELEntityLinkingPipeline(Pipeline):
         index.save(save_directory)
         if self.entities:
             records = [self.entities[i] for i in self.index.entity_ids if i in self.entities]
-            save_entities(save_directory, records)
-            self._copy_entity_images(records, save_directory)
+            save_entities(save_directory, self._copy_entity_images(records, save_directory))
 
-    def _copy_entity_images(self, records: list[dict], save_directory: str | os.PathLike) -> None:
-        """Copy the images that `records` reference by a relative path into `save_directory`, at that path."""
-        if self._entity_folder is None:
-            return
+    def _copy_entity_images(self, records: list[dict], save_directory: str | os.PathLike) -> list[dict]:
+        """
+        Copy the images that `records` reference by a local path into `save_directory`: a relative path to the same
+        path, an absolute one under `entity_images/local/`. Returns the records as they are to be saved, those
+        absolute references replaced by the copies' relative paths.
+        """
         target_root = os.path.abspath(save_directory)
-        missing = []
+        missing, saved, copied = [], [], {}
         for record in records:
-            for reference in record.get("images") or []:
-                if not isinstance(reference, str) or _is_url(reference) or os.path.isabs(reference):
+            references = record.get("images") or []
+            saved.append({**record, "images": [self._copy_absolute_image(reference, target_root, copied, missing)
+                                               for reference in references]})
+            for reference in references:
+                if (not isinstance(reference, str) or _is_url(reference) or os.path.isabs(reference)
+                        or self._entity_folder is None):
                     continue
                 target = os.path.abspath(os.path.join(target_root, reference))
                 if not target.startswith(target_root + os.sep):
@@ -390,8 +417,26 @@ class M3ELEntityLinkingPipeline(Pipeline):
                     shutil.copyfile(source, target)
         if missing:
             warnings.warn(f"{len(missing)} entity images referenced in {ENTITIES_FILE} were not copied to "
-                          f"{save_directory} (not found under {self._entity_folder}, or outside it; e.g. "
-                          f"{missing[:3]})")
+                          f"{save_directory} (not found under {self._entity_folder}, outside it, or an absolute path "
+                          f"that is not a file; e.g. {missing[:3]})")
+        return saved
+
+    @staticmethod
+    def _copy_absolute_image(reference, target_root: str, copied: dict[str, str], missing: list) -> str:
+        """An absolute image path -> the relative path of its copy in `target_root` (the reference itself when it is
+        not a local absolute path, or not a file: then counted in `missing`)."""
+        if not isinstance(reference, str) or _is_url(reference) or not os.path.isabs(reference):
+            return reference
+        if reference not in copied:
+            if not os.path.isfile(reference):
+                missing.append(reference)
+                return reference
+            digest = hashlib.blake2b(reference.encode(), digest_size=8).hexdigest()
+            relative = f"{LOCAL_IMAGE_FOLDER}/{digest}{os.path.splitext(reference)[1].lower()}"
+            os.makedirs(os.path.join(target_root, LOCAL_IMAGE_FOLDER), exist_ok=True)
+            shutil.copyfile(reference, os.path.join(target_root, relative))
+            copied[reference] = relative
+        return copied[reference]
 
 
 __all__ = ["M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]

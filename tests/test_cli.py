@@ -254,3 +254,28 @@ def test_an_update_takes_each_entitys_rows_from_where_they_are():
     dropped = _updated_index(previous, ["E4", "E0"], None, ["E4", "E0"])
     assert torch.equal(dropped.tensors["b"], previous.tensors["b"][[4, 0]])
     assert _updated_index(previous, previous.entity_ids, None, previous.entity_ids).content_id == previous.content_id
+
+
+def test_a_pipeline_saved_from_an_m3el_index_folder_carries_its_entity_images(saved, tmp_path):
+    """`m3el index` writes absolute image paths into entities.jsonl; a pipeline saved from that folder copies those
+    images into itself and references the copies, so the saved folder shows them on another machine."""
+    from modeling_m3el.pipeline_m3el import LOCAL_IMAGE_FOLDER, M3ELEntityLinkingPipeline, load_entities
+
+    root, data, model, processor = saved
+    assert main(["index", "--model", str(root / "model"), "--data", data, "--output", str(tmp_path / "index")]) == 0
+    written = load_entities(tmp_path / "index" / "entities.jsonl")
+    sources = {e["id"]: e["images"] for e in written}
+    assert any(sources.values()) and all(os.path.isabs(i) for images in sources.values() for i in images)
+    linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=str(tmp_path / "index"), device="cpu")
+    linker.save_pretrained(tmp_path / "saved")
+    copies = {e["id"]: e["images"] for e in load_entities(tmp_path / "saved" / "entities.jsonl")}
+    assert copies.keys() == sources.keys()
+    for entity_id, images in copies.items():
+        assert len(images) == len(sources[entity_id])
+        for copy, source in zip(images, sources[entity_id]):
+            assert copy.startswith(f"{LOCAL_IMAGE_FOLDER}/")
+            assert (tmp_path / "saved" / copy).read_bytes() == open(source, "rb").read()
+    # loaded from the saved folder, results show the copies
+    again = M3ELEntityLinkingPipeline(model=model, processor=processor, index=str(tmp_path / "saved"), device="cpu")
+    shown = again.describe(next(i for i, images in copies.items() if images))["image"]
+    assert shown.startswith(str(tmp_path / "saved")) and os.path.isfile(shown)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from modeling_m3el import M3ELModel, M3ELProcessor
 from modeling_m3el.index_m3el import EntityIndex, StaleIndexError
-from modeling_m3el.pipeline_m3el import TASK, M3ELEntityLinkingPipeline
+from modeling_m3el.pipeline_m3el import TASK, M3ELEntityLinkingPipeline, load_entities
 from modeling_m3el.tiny import tiny_config
 
 # Links every mention of a JSON file and prints, per mention, the top entities' ids and scores.
@@ -283,10 +283,17 @@ def test_m3el_link_command(hub_folder, linker, test_mentions, capsys):
     assert main([*arguments, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     expected = linker({key: mention[key] for key in ("mention", "text", "image")}, top_k=3)
-    assert [e["id"] for e in printed] == [e["id"] for e in expected]
+    # names, descriptions and images read after ranking for the results alone: what the pipeline shows
+    assert [{k: e[k] for k in ("rank", "id", "name", "description", "image")} for e in printed] == [
+        {k: e[k] for k in ("rank", "id", "name", "description", "image")} for e in expected]
+    assert all(e["name"] and e["image"] and os.path.isfile(e["image"]) for e in printed)
+    assert [e["score"] for e in printed] == pytest.approx([e["score"] for e in expected])
     assert main(arguments) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 3 and table[0].split()[0] == "1" and expected[0]["id"] in table[0]
+    # probabilities to three significant digits (over a large KB they are small)
+    assert [float(line.split()[2]) for line in table] == pytest.approx(
+        [float(f"{e['probability']:.3g}") for e in expected])
     with pytest.raises(SystemExit, match="unreadable image"):
         main([*arguments[:-4], "--image", str(hub_folder / "config.json")])
     assert main([*arguments, "--candidates", "5", "--json"]) == 0
@@ -296,3 +303,23 @@ def test_m3el_link_command(hub_folder, linker, test_mentions, capsys):
     assert [e["probability"] for e in printed] == pytest.approx([e["probability"] for e in expected])
     with pytest.raises(SystemExit, match="candidates must be a positive integer"):
         main([*arguments, "--candidates", "0"])
+
+
+def test_load_entities_of_given_ids_parses_only_their_lines(tmp_path):
+    path = tmp_path / "entities.jsonl"
+    records = [{"id": "Q1", "name": "Jaguar", "description": "a cat"}, {"id": "Q12", "name": "Jaguar", "description":
+               "a car", "images": ["a.jpg"]}, {"id": "Zoë", "name": "Zoë", "description": "a name"}]
+    lines = [json.dumps(records[0]), "{not json", json.dumps(records[1]), json.dumps(records[2], ensure_ascii=False)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # the damaged line holds none of the ids: never parsed ("Q1" is in Q12's line, which is parsed and left out)
+    assert load_entities(path, ids=["Q12"]) == [records[1]]
+    assert load_entities(path, ids=["Q1", "Zoë"]) == [records[0], records[2]]
+    assert load_entities(path, ids=[]) == []
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):  # every line, without ids
+        load_entities(path)
+    # an id written with escapes is not seen in the raw line: the whole file is then parsed (and checked)
+    escaped = tmp_path / "escaped.jsonl"
+    escaped.write_text('{"id": "Q\\u0031", "name": "one"}\n{"id": "a\\/b", "name": "slash"}\n', encoding="utf-8")
+    assert load_entities(escaped, ids=["Q1", "a/b"]) == [{"id": "Q1", "name": "one"}, {"id": "a/b", "name": "slash"}]
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        load_entities(path, ids=["Q404"])
