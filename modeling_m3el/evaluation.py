@@ -60,14 +60,20 @@ def gold_ranks(
     batches = zip(slices, processor.prefetched(
         "mention", ((rows["mention"], rows["sentence"], rows["image"]) for rows in slices), num_workers
     ))
+    bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=description, unit="batch", total=len(slices))
+        # in mentions (this process's share), the unit of the speeds quoted everywhere
+        bar = tqdm(desc=description, unit="mention", total=stop - start)
     local = []
     for rows, inputs in batches:
         features = model.encode(**inputs.to(model.device))
         local.append(index.rank(model, features, rows["answer"], candidates=candidates).cpu())
+        if bar is not None:
+            bar.update(len(local[-1]))
+    if bar is not None:
+        bar.close()
     local = torch.cat(local) if local else torch.zeros(0, dtype=torch.long)
     if world > 1:
         local = gather_shares(accelerator, local, share, total).cpu()

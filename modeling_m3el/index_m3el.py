@@ -197,6 +197,13 @@ class _Rows:
         return self.tensors
 
 
+def _entity_bar(total: int):
+    """The progress bar of an index build, in entities (of this process's share), the unit of encoding speeds."""
+    from tqdm.auto import tqdm
+
+    return tqdm(desc="Indexing entities", unit="entity", total=total)
+
+
 def gather_shares(accelerator, tensor: torch.Tensor, share: int, total: int) -> torch.Tensor:
     """
     Every process holds rows [rank * share, (rank + 1) * share) of `total` rows (the last shares may be short or
@@ -415,14 +422,14 @@ class EntityIndex:
         model_device = model.device
         fingerprint = _BackgroundFingerprint(model)
         rows = _Rows(len(entity_ids), dtype, device)
-        batches = range(0, len(entity_ids), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="Indexing entities", unit="batch")
-        for start in batches:
+        bar = _entity_bar(len(entity_ids)) if progress else None
+        for start in range(0, len(entity_ids), batch_size):
             batch = {k: v[start : start + batch_size].to(model_device, non_blocking=True) for k, v in inputs.items()}
             rows.add(model, model.encode(**batch, side="entity"))
+            if bar is not None:
+                bar.update(min(batch_size, len(entity_ids) - start))
+        if bar is not None:
+            bar.close()
         return cls(rows.result(), entity_ids, **fingerprint.result())
 
     @classmethod
@@ -467,12 +474,13 @@ class EntityIndex:
              [f"entity {e['id']!r} image {e.get('image')!r}" for e in chunk])
             for chunk in chunks
         ), num_workers)
-        if progress and rank == 0:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="Indexing entities", unit="batch", total=len(chunks))
-        for inputs in batches:
+        bar = _entity_bar(len(local)) if progress and rank == 0 else None
+        for chunk, inputs in zip(chunks, batches):
             rows.add(model, model.encode(**inputs.to(model_device), side="entity"))
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
         if local:
             tensors = rows.result()
         else:  # this process's share is empty (more processes than entities): shapes from one entity
