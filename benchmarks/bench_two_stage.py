@@ -84,7 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4 sqrt(E))")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF cells searched (default nlist / 8)")
     parser.add_argument("--hnsw-m", type=int, default=32)
-    parser.add_argument("--hnsw-ef-search", type=int, default=None, help="default max(64, K)")
+    parser.add_argument("--hnsw-ef-search", type=int, default=None, help="default: the retriever's, max(256, K)")
     add_noise_argument(parser, "; negative: independent random mentions")
     parser.add_argument("--memory-budget-mib", type=float, default=None, help="exact ranker and re-scoring memory "
                         "budget (default: 2048 on GPU, 16 on CPU)")

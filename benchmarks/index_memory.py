@@ -15,7 +15,6 @@ import torch
 from common import add_common_arguments, apply_threads, build_model, gib, machine, markdown_table, write_json
 from common import generator_for, random_features
 
-from modeling_m3el import M3ELFeatures
 from modeling_m3el.index_m3el import EntityIndex
 
 

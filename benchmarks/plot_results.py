@@ -7,6 +7,8 @@
 - `two_stage`: end-to-end speed as a multiple of exact ranking over the whole KB in the same run, against K (the
   candidates, in % of the KB), one panel per KB size and one line per stage-1 backend, a point labelled with how
   often the exact top-1 was among the K candidates where it was not always (and, for GPU runs, its mentions/s).
+- `hnsw_sweep`: how often HNSW kept the exhaustive search's best estimate, against its search breadth, one line per
+  graph (`hnsw_sweep.py`).
 
     python benchmarks/bench_exact_ranking.py --model tiny --sizes 6000,12000 --json exact.json
     python benchmarks/plot_results.py exact.json two_stage.json --out benchmarks/results/plots
@@ -128,7 +130,45 @@ def plot_two_stage(payload: dict, path: str, output: str) -> list[dict]:
     return series
 
 
-PLOTTERS = {"exact_ranking": plot_exact, "two_stage": plot_two_stage}
+def hnsw_series(payload: dict) -> list[dict]:
+    """Per graph (M, efConstruction): efSearch, and how often the exhaustive search's best estimate was kept."""
+    lines: dict[tuple, dict] = {}
+    for result in payload["results"]:
+        line = lines.setdefault((result["m"], result["ef_construction"]), {
+            "m": result["m"], "ef_construction": result["ef_construction"], "build_s": result["build_s"],
+            "ef_search": [], "kept": []})
+        line["ef_search"].append(result["ef_search"])
+        line["kept"].append(result["best_estimate_kept"])
+    return list(lines.values())
+
+
+def plot_hnsw(payload: dict, path: str, output: str) -> list[dict]:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    series = hnsw_series(payload)
+    figure = Figure(figsize=(6.4, 4.2))
+    ax = figure.subplots()
+    for line in series:
+        ax.plot(line["ef_search"], [100 * kept for kept in line["kept"]], marker="o",
+                label=f"M {line['m']}, efConstruction {line['ef_construction']} (built in {line['build_s']:.0f} s)")
+    searches = sorted({ef for line in series for ef in line["ef_search"]})
+    ax.set_xscale("log")
+    ax.set_xticks(searches, [str(ef) for ef in searches])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("efSearch, the search breadth")
+    ax.set_ylabel("exhaustive search's best estimate kept (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    k = payload["results"][0]["k"] if payload["results"] else "?"
+    figure.suptitle(f"HNSW stage 1, {payload['entities']:,} entities, {payload['mentions']} mentions, K = {k} — "
+                    f"{_title(payload, path)}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    return series
+
+
+PLOTTERS = {"exact_ranking": plot_exact, "two_stage": plot_two_stage, "hnsw_sweep": plot_hnsw}
 
 
 def main(argv=None) -> int:

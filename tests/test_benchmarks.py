@@ -383,3 +383,47 @@ def test_plot_results_plots_speed_ratios_from_the_benchmarks_json(tmp_path):
     for name in ("exact.png", "two_stage.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "not plotted (no plot for these benchmarks): " in completed.stderr and "'training'" in completed.stderr
+
+
+def test_hnsw_sweep_on_a_scaled_demo_kb(demo_run, demo_data, tmp_path):
+    """scaled_demo_kb.py writes the demo's KB and test mentions plus synthetic entities (JSON Lines, a benchmark
+    folder `m3el index` reads); hnsw_sweep.py measures HNSW against the exhaustive search on its index: with a search
+    breadth of the whole KB, HNSW keeps the exhaustive search's best estimate for every mention, and the exact top-1
+    is among its K as often as among flat's K. The JSON plots."""
+    from modeling_m3el.cli import main
+    from modeling_m3el.data import load_benchmark
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    scaled = tmp_path / "scaled"
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "scaled_demo_kb.py"), "--data", demo_data,
+                                "--entities", "400", "--output", str(scaled)], capture_output=True, text=True,
+                               timeout=120, env=env)
+    assert completed.returncode == 0, completed.stderr
+    benchmark = load_benchmark(str(scaled), splits=["test"])
+    demo = load_benchmark(demo_data, splits=["test"])
+    assert len(benchmark.entities) == 400 and set(demo.entities["id"]) <= set(benchmark.entities["id"])
+    assert benchmark.splits["test"]["answer"] == demo.splits["test"]["answer"]
+    synthetic = [row for row in benchmark.entities if row["id"].startswith("synthetic-")]
+    assert len(synthetic) == 400 - len(demo.entities) and all(len(row["images"]) == 1 for row in synthetic)
+    assert all(6 <= len(row["description"].split()) <= 10 for row in synthetic)
+    assert main(["index", "--model", str(demo_run / "model"), "--data", str(scaled), "--output",
+                 str(scaled / "index"), "--device", "cpu"]) == 0
+    output = tmp_path / "sweep.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "hnsw_sweep.py"), "--model", str(demo_run / "model"), "--data", str(scaled),
+         "--index", str(scaled / "index"), "--k", "5", "--ef-construction", "40", "--ef-search", "5,400",
+         "--threads", "1", "--json", str(output)],
+        capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    payload = json.loads(output.read_text())
+    assert payload["benchmark"] == "hnsw_sweep" and payload["entities"] == 400
+    assert payload["mentions"] == len(demo.splits["test"])
+    narrow, whole = payload["results"]
+    assert (narrow["ef_search"], whole["ef_search"]) == (5, 400)
+    assert whole["best_estimate_kept"] == 1.0 and whole["exact_top1_among_k"] == payload["exact_top1_among_flat_k"]
+    assert 0 < narrow["best_estimate_kept"] <= 1 and payload["exact_top1_among_flat_k"] > 0.9
+    pytest.importorskip("matplotlib")
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "plot_results.py"), str(output), "--out",
+                                str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "plots" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
