@@ -235,6 +235,8 @@ def _link(args) -> int:
     except ValueError as error:
         raise SystemExit(f"error: --{error}".replace("--top_k", "--top-k")) from None
     _check_index_folder(args.index)
+    if args.entities is not None and not os.path.isfile(args.entities):
+        raise SystemExit(f"error: --entities {args.entities}: no such file")
     if args.index is None and os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, INDEX_META)):
         raise SystemExit(f"error: {args.model} holds no entity index: give --index (a folder built by m3el index), or "
                          "link with a folder built by m3el export, which carries its KB's index")
@@ -252,6 +254,10 @@ def _link(args) -> int:
         if entities:
             linker.set_entities(entities, ids=[entity["id"] for entity in results])
             results = [{**entity, **linker.describe(entity["id"])} for entity in results]
+            unknown = [entity["id"] for entity in results if entity["id"] not in linker.entities]
+            if unknown:
+                print(f"warning: {len(unknown)} of the {len(results)} entities found have no metadata in {entities} "
+                      f"(e.g. {unknown[:3]}): their names are empty", file=sys.stderr)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     if args.json:

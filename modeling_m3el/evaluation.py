@@ -64,8 +64,9 @@ def gold_ranks(
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        # in mentions (this process's share), the unit of the speeds quoted everywhere
-        bar = tqdm(desc=description, unit="mention", total=stop - start)
+        # in mentions, the unit of the speeds quoted everywhere; with several processes, the first one's share
+        share_note = f" (process 1 of {world}: its share)" if world > 1 else ""
+        bar = tqdm(desc=description + share_note, unit="mention", total=stop - start)
     local = []
     for rows, inputs in batches:
         features = model.encode(**inputs.to(model.device))

@@ -197,11 +197,13 @@ class _Rows:
         return self.tensors
 
 
-def _entity_bar(total: int):
-    """The progress bar of an index build, in entities (of this process's share), the unit of encoding speeds."""
+def _entity_bar(total: int, world: int = 1):
+    """The progress bar of an index build, in entities, the unit of encoding speeds; with several processes, the
+    first one's share."""
     from tqdm.auto import tqdm
 
-    return tqdm(desc="Indexing entities", unit="entity", total=total)
+    share_note = f" (process 1 of {world}: its share)" if world > 1 else ""
+    return tqdm(desc="Indexing entities" + share_note, unit="entity", total=total)
 
 
 def gather_shares(accelerator, tensor: torch.Tensor, share: int, total: int) -> torch.Tensor:
@@ -474,7 +476,7 @@ class EntityIndex:
              [f"entity {e['id']!r} image {e.get('image')!r}" for e in chunk])
             for chunk in chunks
         ), num_workers)
-        bar = _entity_bar(len(local)) if progress and rank == 0 else None
+        bar = _entity_bar(len(local), world) if progress and rank == 0 else None
         for chunk, inputs in zip(chunks, batches):
             rows.add(model, model.encode(**inputs.to(model_device), side="entity"))
             if bar is not None:

@@ -21,28 +21,39 @@ MENTION_FIELDS = ("mention", "text", "image")
 UNREADABLE_IMAGE_MODES = ("error", "zero")
 
 
+# a JSON string value of an "id" key, anywhere in a line (of the entity or of a nested object)
+_ID_VALUE = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.)*")')
+_MAX_MARKERS = 32  # wanted ids searched for as one regular expression; more: the ids of each line are read instead
+
+
 def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
     """
     Read a KB's metadata: JSON Lines of `{"id": str, "name": str, "description": str, "images": [str]}` (`images`
     optional; paths relative to the file's folder, absolute paths or URLs), the layout of the benchmark loader's
-    `entities.jsonl`. `ids`: only the records of these entity ids, for a few results of a large KB. Lines that cannot
-    hold one of them (their id's JSON string is not in the line) are then not parsed, so not checked either; the
-    file is parsed in full when a wanted id was not found that way (an id written with escapes).
+    `entities.jsonl`. `ids`: only the records of these entity ids (all of them, in file order), for a few results of
+    a large KB: only the lines that can hold one of them are parsed (and so checked). A line can when it holds one of
+    the ids as a JSON string as `json.dumps` writes it, or, for a line with escapes, when one of its `"id"` values
+    decodes to one of them; with more than 32 ids, every line's `"id"` values are decoded and looked up.
     """
     wanted = markers = None
     if ids is not None:
         wanted = {str(i) for i in ids}
         if not wanted:
             return []
-        # the ids as JSON strings, either way of writing non-ASCII characters (one regular expression: twice as fast
-        # as testing each in turn, half a second for a million lines)
-        markers = re.compile("|".join(
-            re.escape(marker) for i in sorted(wanted) for marker in {json.dumps(i), json.dumps(i, ensure_ascii=False)}
-        ))
+        if len(wanted) <= _MAX_MARKERS:  # one regular expression: about 0.5 s for a million lines
+            forms = {form for i in wanted for form in (json.dumps(i), json.dumps(i, ensure_ascii=False))}
+            markers = re.compile("|".join(re.escape(form) for form in sorted(forms)))
+
+    def may_hold_one(line: str) -> bool:
+        if markers is not None and markers.search(line):
+            return True
+        # an id written with escapes ("\u00e9", "\/") is not found as json.dumps writes it: its decoded value is
+        return (markers is None or "\\" in line) and any(_decoded(value) in wanted for value in _ID_VALUE.findall(line))
+
     entities = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if markers is not None and markers.search(line) is None or not line.strip():
+            if not line.strip() or wanted is not None and not may_hold_one(line):
                 continue
             try:
                 record = json.loads(line)
@@ -52,9 +63,14 @@ def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
                 raise ValueError(f"{path}, line {number}: an entity needs a string 'id'")
             if wanted is None or record["id"] in wanted:
                 entities.append(record)
-    if wanted is not None and not wanted <= {record["id"] for record in entities}:
-        return [record for record in load_entities(path) if record["id"] in wanted]
     return entities
+
+
+def _decoded(json_string: str) -> str | None:
+    try:
+        return json.loads(json_string)
+    except json.JSONDecodeError:
+        return None
 
 
 def save_entities(folder: str | os.PathLike, entities: list[dict]) -> str:
@@ -185,14 +201,18 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------ the KB
 
-    def set_entities(self, entities: str | os.PathLike | list[dict], ids=None) -> None:
+    def set_entities(self, entities: str | os.PathLike | list[dict], ids=None, folder: str | None = None) -> None:
         """
-        The KB's metadata shown with the results: an `entities.jsonl` path (relative image paths are then relative
-        to its folder) or a list of dicts. `ids`: read only these entities' records from the file (`load_entities`),
-        e.g. those of results already ranked, rather than a large KB's every line.
+        Replace the KB's metadata shown with the results: an `entities.jsonl` path or a list of dicts (`ids` is then
+        not used). `ids`: read only these entities' records from the file (`load_entities`), e.g. those of results
+        already ranked, rather than a large KB's every line; `save_pretrained` then reads the whole file again, so
+        that the saved folder has every entity's metadata. `folder`: where the file's relative image paths live, a
+        local folder or a Hub repo id (default: the file's folder).
         """
+        self._entity_file = None
         if isinstance(entities, (str, os.PathLike)):
-            self._entity_folder = os.path.dirname(os.path.abspath(entities))
+            self._entity_folder = folder if folder is not None else os.path.dirname(os.path.abspath(entities))
+            self._entity_file = os.fspath(entities) if ids is not None else None  # (a part of it read)
             entities = load_entities(entities, ids)
         self.entities = {str(record["id"]): record for record in entities}
 
@@ -353,17 +373,23 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------- saving
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, entity_images: str = "copy", **kwargs):
         """
         Everything `pipeline("multimodal-entity-linking", model=save_directory, trust_remote_code=True)` needs: the
         model and its code with this pipeline's (registered in config.json's `custom_pipelines`), the processor, the
-        entity index and the KB's metadata (`entities.jsonl`). Entity images go with it, so that the folder shows them
-        on another machine: an image referenced by a path relative to the KB's folder is copied to the same relative
-        path; one referenced by an absolute path (as `m3el index` writes them) is copied to
-        `entity_images/local/<digest of the path><extension>`, and referenced there. URLs are written as they are.
+        entity index and the KB's metadata (`entities.jsonl`).
+
+        `entity_images` (`"copy"` or `"reference"`, default `"copy"`): with `"copy"` the entity images go with it, so
+        that the folder shows them on another machine (full size; `m3el export` ships thumbnails instead). An image
+        referenced by a path relative to the KB's folder is copied to the same relative path; one referenced by an
+        absolute path (as `m3el index` writes them) is copied to `entity_images/local/<digest of the path>
+        <extension>`, and referenced there. URLs are written as they are. With `"reference"` every reference is
+        written as it is held. Other keyword arguments go to the model's `save_pretrained`.
         """
         from transformers.dynamic_module_utils import custom_object_save
 
+        if entity_images not in ("copy", "reference"):
+            raise ValueError(f"entity_images must be 'copy' or 'reference', got {entity_images!r}")
         os.makedirs(save_directory, exist_ok=True)
         module = type(self).__module__.split(".")[-1]
         # (the fingerprint leaves `custom_pipelines` out: it names code, nothing the scores depend on, so the index
@@ -382,61 +408,74 @@ class M3ELEntityLinkingPipeline(Pipeline):
             index = EntityIndex(index.tensors, index.entity_ids, model_fingerprint(self.model),
                                 model_fingerprint(self.model, torch.float16), content_id=index.content_id)
         index.save(save_directory)
-        if self.entities:
-            records = [self.entities[i] for i in self.index.entity_ids if i in self.entities]
-            save_entities(save_directory, self._copy_entity_images(records, save_directory))
+        entities = self.entities
+        if self._entity_file is not None:  # only the results' records were read: the saved folder gets every one
+            entities = {str(record["id"]): record for record in load_entities(self._entity_file)}
+        if entities:
+            records = [_with_images(entities[i]) for i in self.index.entity_ids if i in entities]
+            if entity_images == "copy":
+                records = self._copy_entity_images(records, save_directory)
+            save_entities(save_directory, records)
 
     def _copy_entity_images(self, records: list[dict], save_directory: str | os.PathLike) -> list[dict]:
         """
-        Copy the images that `records` reference by a local path into `save_directory`: a relative path to the same
-        path, an absolute one under `entity_images/local/`. Returns the records as they are to be saved, those
-        absolute references replaced by the copies' relative paths.
+        Copy the images that `records` reference by a local path into `save_directory`: a relative path (to the KB's
+        folder) to the same path, an absolute one under `entity_images/local/` (each file once). Returns the records
+        as they are to be saved, the absolute references replaced by their copies' relative paths. The references
+        that could not be copied are kept as they are, and said in one warning.
         """
         target_root = os.path.abspath(save_directory)
-        missing, saved, copied = [], [], {}
+        copied: dict[str, str | None] = {}  # reference -> its copy's relative path; None: not copied
+        saved = []
         for record in records:
-            references = record.get("images") or []
-            saved.append({**record, "images": [self._copy_absolute_image(reference, target_root, copied, missing)
-                                               for reference in references]})
-            for reference in references:
-                if (not isinstance(reference, str) or _is_url(reference) or os.path.isabs(reference)
-                        or self._entity_folder is None):
+            images = []
+            for reference in record["images"]:
+                if not isinstance(reference, str) or _is_url(reference):
+                    images.append(reference)
                     continue
-                target = os.path.abspath(os.path.join(target_root, reference))
-                if not target.startswith(target_root + os.sep):
-                    missing.append(reference)  # a path out of the folder ("../x.jpg") cannot travel with it
-                    continue
-                try:
-                    source = self._find_file(self._entity_folder, reference)
-                except (OSError, ValueError):
-                    source = None
-                if source is None:
-                    missing.append(reference)
-                elif os.path.abspath(source) != target:
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
-                    shutil.copyfile(source, target)
+                if reference not in copied:
+                    copied[reference] = self._copy_entity_image(reference, target_root)
+                images.append(copied[reference] or reference)
+            saved.append({**record, "images": images})
+        missing = [reference for reference, copy in copied.items() if copy is None]
         if missing:
-            warnings.warn(f"{len(missing)} entity images referenced in {ENTITIES_FILE} were not copied to "
-                          f"{save_directory} (not found under {self._entity_folder}, outside it, or an absolute path "
-                          f"that is not a file; e.g. {missing[:3]})")
+            where = f"under {self._entity_folder}" if self._entity_folder is not None else "(no KB folder is known)"
+            warnings.warn(
+                f"{len(missing)} entity images referenced in {ENTITIES_FILE} were not copied to {save_directory}: "
+                f"absolute paths that are not files, or relative paths not found {where} or out of it (e.g. "
+                f"{missing[:3]}); the saved folder references them as they are"
+            )
         return saved
 
-    @staticmethod
-    def _copy_absolute_image(reference, target_root: str, copied: dict[str, str], missing: list) -> str:
-        """An absolute image path -> the relative path of its copy in `target_root` (the reference itself when it is
-        not a local absolute path, or not a file: then counted in `missing`)."""
-        if not isinstance(reference, str) or _is_url(reference) or not os.path.isabs(reference):
-            return reference
-        if reference not in copied:
+    def _copy_entity_image(self, reference: str, target_root: str) -> str | None:
+        """Copy one local image reference into `target_root`; its copy's path relative to it, or None."""
+        if os.path.isabs(reference):
             if not os.path.isfile(reference):
-                missing.append(reference)
-                return reference
+                return None
             digest = hashlib.blake2b(reference.encode(), digest_size=8).hexdigest()
             relative = f"{LOCAL_IMAGE_FOLDER}/{digest}{os.path.splitext(reference)[1].lower()}"
             os.makedirs(os.path.join(target_root, LOCAL_IMAGE_FOLDER), exist_ok=True)
             shutil.copyfile(reference, os.path.join(target_root, relative))
-            copied[reference] = relative
-        return copied[reference]
+            return relative
+        target = os.path.abspath(os.path.join(target_root, reference))
+        if self._entity_folder is None or not target.startswith(target_root + os.sep):
+            return None  # no folder to find it in, or a path out of the folder ("../x.jpg") that cannot travel
+        try:
+            source = self._find_file(self._entity_folder, reference)
+        except (OSError, ValueError):
+            source = None
+        if source is None:
+            return None
+        if os.path.abspath(source) != target:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+        return reference
+
+
+def _with_images(record: dict) -> dict:
+    """A metadata record with its images as a list, `images` (or a single `image`, as the index's records have)."""
+    images = record.get("images") or ([record["image"]] if record.get("image") is not None else [])
+    return {**record, "images": list(images)}
 
 
 __all__ = ["M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]

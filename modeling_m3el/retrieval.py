@@ -149,7 +149,9 @@ class TwoStageRetriever:
         hnsw_m (`int`, *optional*, defaults to 32), hnsw_ef_construction (`int`, *optional*, defaults to 80),
         hnsw_ef_search (`int`, *optional*, defaults to `max(256, K)`): HNSW parameters. Over 100k entities, a
             search breadth of 64 kept the exhaustive search's best estimate among 10 candidates for 96% of the demo
-            model's test mentions, 256 for 99.7% (`benchmarks/README.md`).
+            model's test mentions, 256 for 99.7% (`benchmarks/README.md`). A saved retriever keeps the values it
+            was built with (one saved when the default was `max(64, K)` keeps that; `load(..., hnsw_ef_search=256)`
+            changes it).
         memory_budget_bytes (`int`, *optional*, defaults to 1 GiB): bounds the exact re-scoring's gathered tensors
             and the "torch" backend's score blocks.
         check_model (`bool`, *optional*, defaults to `True`): refuse (StaleIndexError) an index built with another

@@ -279,3 +279,71 @@ def test_a_pipeline_saved_from_an_m3el_index_folder_carries_its_entity_images(sa
     again = M3ELEntityLinkingPipeline(model=model, processor=processor, index=str(tmp_path / "saved"), device="cpu")
     shown = again.describe(next(i for i, images in copies.items() if images))["image"]
     assert shown.startswith(str(tmp_path / "saved")) and os.path.isfile(shown)
+    # opting out: every reference written as it is held
+    linker.save_pretrained(tmp_path / "referenced", entity_images="reference")
+    assert {e["id"]: e["images"] for e in load_entities(tmp_path / "referenced" / "entities.jsonl")} == sources
+    assert not (tmp_path / "referenced" / "entity_images").exists()
+    with pytest.raises(ValueError, match="entity_images must be 'copy' or 'reference'"):
+        linker.save_pretrained(tmp_path / "other", entity_images="thumbnail")
+
+
+def test_saved_entity_images_are_copied_once_and_the_ones_missing_said_once(saved, tmp_path):
+    """Metadata records as dicts: an image shared by two entities is copied once; a single `image` is copied like
+    `images`; a missing absolute path, referenced twice, is one missing image in the warning, kept as it is; a
+    relative path with no KB folder to find it in is said too."""
+    from modeling_m3el.pipeline_m3el import LOCAL_IMAGE_FOLDER, M3ELEntityLinkingPipeline, load_entities
+
+    root, data, model, processor = saved
+    index = EntityIndex.build(model, processor, index_rows(load_benchmark(data, splits=[]).entities), progress=False)
+    image = next(path for path in load_benchmark(data, splits=[]).entities["images"] if path)[0]
+    ids = index.entity_ids
+    records = [{"id": ids[0], "name": "a", "images": [image]}, {"id": ids[1], "name": "b", "images": [image]},
+               {"id": ids[2], "name": "c", "image": image}, {"id": ids[3], "name": "d", "images": ["/gone/x.jpg"]},
+               {"id": ids[4], "name": "e", "images": ["/gone/x.jpg", "relative/y.jpg"]}]
+    linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=records, device="cpu")
+    with pytest.warns(UserWarning, match=r"2 entity images .* not copied .*no KB folder is known.*'/gone/x.jpg', "
+                      r"'relative/y.jpg'"):
+        linker.save_pretrained(tmp_path / "saved")
+    saved_images = [e["images"] for e in load_entities(tmp_path / "saved" / "entities.jsonl")]
+    copy = saved_images[0][0]
+    assert copy.startswith(f"{LOCAL_IMAGE_FOLDER}/") and saved_images[:3] == [[copy]] * 3
+    assert saved_images[3:] == [["/gone/x.jpg"], ["/gone/x.jpg", "relative/y.jpg"]]
+    assert os.listdir(tmp_path / "saved" / LOCAL_IMAGE_FOLDER) == [os.path.basename(copy)]
+    assert (tmp_path / "saved" / copy).read_bytes() == open(image, "rb").read()
+
+
+def test_m3el_link_reads_the_results_metadata_and_says_what_is_missing(saved, tmp_path, capsys):
+    """`m3el link` parses only the lines of entities.jsonl that can hold its results (a damaged line elsewhere is not
+    read), says which results have no metadata, and checks --entities before the model loads. A pipeline that read a
+    part of the file saves all of it."""
+    from modeling_m3el.pipeline_m3el import M3ELEntityLinkingPipeline, load_entities
+
+    root, data, model, processor = saved
+    assert main(["index", "--model", str(root / "model"), "--data", data, "--output", str(tmp_path / "index")]) == 0
+    capsys.readouterr()
+    arguments = ["link", "--model", str(root / "model"), "--index", str(tmp_path / "index"), "--mention", "bank",
+                 "--sentence", "the river bank", "--top-k", "3", "--device", "cpu", "--json"]
+    assert main(arguments) == 0
+    results = json.loads(capsys.readouterr().out)
+    everything = {e["id"]: e for e in load_entities(tmp_path / "index" / "entities.jsonl")}
+    assert [(e["name"], e["description"]) for e in results] == [
+        (everything[e["id"]]["name"], everything[e["id"]]["description"]) for e in results]
+    # a copy of the metadata with a damaged line, and without the first result's record
+    lines = (tmp_path / "index" / "entities.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if json.loads(line)["id"] != results[0]["id"]]
+    (tmp_path / "partial.jsonl").write_text("\n".join(["{damaged", *kept]) + "\n", encoding="utf-8")
+    assert main([*arguments, "--entities", str(tmp_path / "partial.jsonl")]) == 0
+    captured = capsys.readouterr()
+    partial = json.loads(captured.out)
+    assert partial[0]["name"] is None and [e["name"] for e in partial[1:]] == [e["name"] for e in results[1:]]
+    assert f"warning: 1 of the 3 entities found have no metadata in {tmp_path / 'partial.jsonl'}" in captured.err
+    with pytest.raises(SystemExit, match="error: --entities .*absent.jsonl: no such file"):
+        main([*arguments[:1], "--model", str(tmp_path / "no-model"), *arguments[3:], "--entities",
+              str(tmp_path / "absent.jsonl")])
+    # a pipeline that read the results' records only saves every entity's
+    linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=str(tmp_path / "index"), entities=[],
+                                       device="cpu")
+    linker.set_entities(tmp_path / "index" / "entities.jsonl", ids=[e["id"] for e in results])
+    assert len(linker.entities) == 3
+    linker.save_pretrained(tmp_path / "saved", entity_images="reference")
+    assert {e["id"]: e for e in load_entities(tmp_path / "saved" / "entities.jsonl")} == everything

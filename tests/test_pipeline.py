@@ -307,19 +307,21 @@ def test_m3el_link_command(hub_folder, linker, test_mentions, capsys):
 
 def test_load_entities_of_given_ids_parses_only_their_lines(tmp_path):
     path = tmp_path / "entities.jsonl"
-    records = [{"id": "Q1", "name": "Jaguar", "description": "a cat"}, {"id": "Q12", "name": "Jaguar", "description":
-               "a car", "images": ["a.jpg"]}, {"id": "Zoë", "name": "Zoë", "description": "a name"}]
-    lines = [json.dumps(records[0]), "{not json", json.dumps(records[1]), json.dumps(records[2], ensure_ascii=False)]
+    records = [{"id": "Q1", "name": "Jaguar", "description": "a cat"},
+               {"id": "Q12", "name": "Q1", "description": "a line that holds \"Q1\" but is not Q1's"},
+               {"id": "Zoë", "name": "Zoë", "description": "a name"},
+               {"id": "a/b", "name": "slash", "description": "its id written with an escape"},
+               {"id": "é", "name": "e", "description": "its id written as \\u00e9", "source": {"id": "Q1"}}]
+    lines = [json.dumps(records[0]), "{not json", json.dumps(records[1]), json.dumps(records[2], ensure_ascii=False),
+             json.dumps(records[3]).replace("a/b", "a\\/b"), json.dumps(records[4]), "", "\r"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    # the damaged line holds none of the ids: never parsed ("Q1" is in Q12's line, which is parsed and left out)
-    assert load_entities(path, ids=["Q12"]) == [records[1]]
-    assert load_entities(path, ids=["Q1", "Zoë"]) == [records[0], records[2]]
-    assert load_entities(path, ids=[]) == []
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):  # every line, without ids
-        load_entities(path)
-    # an id written with escapes is not seen in the raw line: the whole file is then parsed (and checked)
-    escaped = tmp_path / "escaped.jsonl"
-    escaped.write_text('{"id": "Q\\u0031", "name": "one"}\n{"id": "a\\/b", "name": "slash"}\n', encoding="utf-8")
-    assert load_entities(escaped, ids=["Q1", "a/b"]) == [{"id": "Q1", "name": "one"}, {"id": "a/b", "name": "slash"}]
+    assert load_entities(path, ids=["Q1"]) == [records[0]]  # Q12's line is parsed (it holds "Q1"), and left out
+    assert load_entities(path, ids=["Zoë", "Q12"]) == [records[1], records[2]]  # in file order
+    assert load_entities(path, ids=["a/b", "é"]) == [records[3], records[4]]  # escaped ids are found
+    assert load_entities(path, ids=[]) == [] and load_entities(path, ids=["Q404"]) == []
+    # the damaged line holds none of the ids: never parsed; without ids every line is, and it is refused
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        load_entities(path, ids=["Q404"])
+        load_entities(path)
+    # more ids than one regular expression holds: every line's ids are decoded and looked up, the same records
+    many = ["Q1", "Zoë", "a/b", "é"] + [f"absent-{n}" for n in range(40)]
+    assert load_entities(path, ids=many) == [records[0], records[2], records[3], records[4]]
