@@ -458,8 +458,10 @@ class M3ELEntityLinkingPipeline(Pipeline):
             shutil.copyfile(reference, os.path.join(target_root, relative))
             return relative
         target = os.path.abspath(os.path.join(target_root, reference))
-        if self._entity_folder is None or not target.startswith(target_root + os.sep):
-            return None  # no folder to find it in, or a path out of the folder ("../x.jpg") that cannot travel
+        if not target.startswith(target_root + os.sep):
+            return None  # a path out of the folder ("../x.jpg") cannot travel with it
+        if self._entity_folder is None:  # nowhere to find it, unless already there (`m3el export`'s thumbnails)
+            return reference if os.path.isfile(target) else None
         try:
             source = self._find_file(self._entity_folder, reference)
         except (OSError, ValueError):
