@@ -300,7 +300,9 @@ def test_saved_entity_images_are_copied_once_and_the_ones_missing_said_once(save
     records = [{"id": ids[0], "name": "a", "images": [image]}, {"id": ids[1], "name": "b", "images": [image]},
                {"id": ids[2], "name": "c", "image": image}, {"id": ids[3], "name": "d", "images": ["/gone/x.jpg"]},
                {"id": ids[4], "name": "e", "images": ["/gone/x.jpg", "relative/y.jpg"]}]
-    linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=records, device="cpu")
+    with pytest.warns(UserWarning, match=f"{len(ids) - 5} indexed entities have no metadata"):
+        linker = M3ELEntityLinkingPipeline(model=model, processor=processor, index=index, entities=records,
+                                           device="cpu")
     with pytest.warns(UserWarning, match=r"2 entity images .* not copied .*no KB folder is known.*'/gone/x.jpg', "
                       r"'relative/y.jpg'"):
         linker.save_pretrained(tmp_path / "saved")
