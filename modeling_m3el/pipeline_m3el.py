@@ -80,8 +80,8 @@ def save_entities(folder: str | os.PathLike, entities: list[dict]) -> str:
     with open(f"{path}.tmp", "w", encoding="utf-8") as f:  # then renamed: a crash never leaves half a file
         for entity in entities:
             record = {"id": str(entity["id"]), "name": entity.get("name"), "description": entity.get("description")}
-            images = entity.get("images") or ([entity["image"]] if entity.get("image") is not None else [])
-            record["images"] = [image for image in images if isinstance(image, str)]  # references only, not pixels
+            # references only, not pixels
+            record["images"] = [image for image in _with_images(entity)["images"] if isinstance(image, str)]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(f"{path}.tmp", path)
     return path
