@@ -120,16 +120,19 @@ def test_ranks_and_topk_follow_the_spec(processor, kb, mentions):
 
 def test_ties_count_against_the_gold(processor, kb, mentions):
     # Two entities with identical content get identical scores: whichever is gold ranks behind its twin. (Their
-    # dot-product vectors are set to 0 here: a matrix product may round a column differently by its position in the
-    # KB, as the CPU products of PyTorch 2.6 and 2.7 do by one float32 step; products with 0 are exact in any order.
-    # Their G2L parts are computed alike, pair by pair.)
+    # dot-product vectors are set to 0 here: a matrix product may round a row or column differently by its position
+    # in the batch, as the CPU products of PyTorch 2.6 and 2.7 do by one float32 step, and on some CPUs those that
+    # make the index's cross-modal vectors; products with 0 are exact in any order. Their G2L parts are computed
+    # alike, pair by pair.)
     twin_kb = kb + [dict(kb[2], id="Q2-twin")]
     model = _model(processor, "bidirectional")
     index = EntityIndex.build(model, processor, twin_kb, progress=False)
     for name, tensor in index.tensors.items():
-        assert torch.equal(tensor[2], tensor[13]), name
         if tensor.dim() == 2 and not name.endswith(".global"):  # G2G and cross-modal vectors, not G2L's
+            torch.testing.assert_close(tensor[2], tensor[13], rtol=1e-6, atol=1e-6, msg=name)
             tensor[[2, 13]] = 0
+        else:
+            assert torch.equal(tensor[2], tensor[13]), name
     with torch.no_grad():
         features = model.encode(**mentions)
     scores = index.scores(model, features)
