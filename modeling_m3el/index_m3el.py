@@ -1,6 +1,7 @@
 """EntityIndex: a KB's entity-side features, precomputed once for a given M3EL model, and exact ranking against it."""
 
 import hashlib
+import itertools
 import json
 import numbers
 import os
@@ -8,6 +9,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -118,6 +120,28 @@ def _matches(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None
     return False, first
 
 
+def _model_state(model: M3ELModel) -> tuple:
+    """
+    What a change to the model's weights or config changes, read without touching the weights: each parameter's and
+    buffer's storage and version counter (which every in-place write bumps: an optimizer step, `load_state_dict`), its
+    dtype, and the config's own fields (its sub-configs by identity). Host-side attributes only (no device
+    synchronisation): about half a millisecond at B/32 size, against about half a second to hash the weights. A
+    tensor made in `torch.inference_mode` keeps no version counter: its in-place writes in that mode go unseen.
+    """
+    tensors = []
+    for module in model.modules():  # (one walk over the modules: `parameters()` and `buffers()` would take two)
+        for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if tensor is None:
+                continue
+            try:
+                version = tensor._version
+            except RuntimeError:  # an inference tensor
+                version = None
+            tensors.append((tensor.data_ptr(), tensor.dtype, version))
+    fields = sorted((name, repr(value)) for name, value in vars(model.config).items() if not hasattr(value, "to_dict"))
+    return tuple(tensors), tuple(fields)
+
+
 def _stale_message(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None, current: str) -> str:
     why = f"fingerprint {fingerprint}, this model: {current}"
     half = _floating_dtypes(model) & {torch.float16, torch.bfloat16}
@@ -138,6 +162,7 @@ class _BackgroundFingerprint:
     def __init__(self, model: M3ELModel):
         from concurrent.futures import ThreadPoolExecutor
 
+        self.model, self.model_state = model, _model_state(model)  # the state whose weights are hashed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3el-fingerprint")
         self._futures = [self._executor.submit(_hash_snapshot, _fingerprint_snapshot(model, rounding))
                          for rounding in FINGERPRINT_ROUNDINGS]
@@ -147,6 +172,13 @@ class _BackgroundFingerprint:
         """The `fingerprint` and `float16_fingerprint` arguments of `EntityIndex`."""
         bfloat16, float16 = (future.result() for future in self._futures)
         return {"fingerprint": bfloat16, "float16_fingerprint": float16}
+
+    def verified(self, index: "EntityIndex") -> "EntityIndex":
+        """`index` (built with these fingerprints), knowing the model as it was when its weights were copied: ranking
+        with the model unchanged since then does not hash it again (`EntityIndex._check_use`)."""
+        index._verified = (weakref.ref(self.model), self.model_state)
+        self.model = None
+        return index
 
 
 def _new_content_id() -> str:
@@ -224,9 +256,9 @@ class EntityIndex:
 
     Build with `EntityIndex.build(model, processor, entities)` (or `from_features`), save with `save(folder)`,
     load with `EntityIndex.load(folder, model)` (refused when `model` is not the one it was built with), and rank
-    with `scores`, `rank` or `topk`. Those calls do not check the model again (hashing its weights takes about half a
-    second at B/32 size): after changing the model in memory (a training step), rebuild the index, or call
-    `check_model(model)`, which refuses a model the index was not built with.
+    with `scores`, `rank`, `topk` or `score_candidates`. Those calls refuse a model the index was not built with too,
+    without hashing its weights again (about half a second at B/32 size) while the model is the one last checked and
+    unchanged since (a training step or a dtype cast changes it): after training, rebuild the index.
 
     Two identifiers: `content_id` names the encoding (which entity tensors these are), `save_id` the save (which
     write of the files). An encoding (`build`, `from_inputs`, `from_features`), a subset or a union (`select`,
@@ -283,6 +315,9 @@ class EntityIndex:
         # Which encoding these tensors are: kept by `save`/`load` and `to`, new for new tensors (see the class).
         self.content_id = content_id if content_id is not None else _new_content_id()
         self._position = {entity_id: i for i, entity_id in enumerate(self.entity_ids)}
+        # (a weak reference to a model, its `_model_state`) when that model was last found to be the one the index
+        # was built with: scoring with it, unchanged since, needs no new hash (`_check_use`)
+        self._verified: tuple[weakref.ref, tuple] | None = None
 
     def __len__(self) -> int:
         return len(self.entity_ids)
@@ -309,8 +344,10 @@ class EntityIndex:
         candidates are re-scored exactly on the index given) still serves; a new encoding gets a new content id.
         """
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        return EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint, self.save_id,
-                           self.content_id)
+        moved = EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint, self.save_id,
+                            self.content_id)
+        moved._verified = self._verified  # the same fingerprints: the same models pass
+        return moved
 
     def positions(self, entity_ids: Iterable[str]) -> torch.Tensor:
         """Row of each entity id (ids are strings: an int is looked up as `str(id)`); an unknown id raises a KeyError
@@ -333,8 +370,10 @@ class EntityIndex:
         whole = torch.equal(rows, torch.arange(len(self)))
         rows = rows.to(self.device)
         tensors = {name: tensor.index_select(0, rows) for name, tensor in self.tensors.items()}
-        return EntityIndex(tensors, [self.entity_ids[row] for row in rows.tolist()], self.fingerprint,
-                           self.float16_fingerprint, content_id=self.content_id if whole else None)
+        selected = EntityIndex(tensors, [self.entity_ids[row] for row in rows.tolist()], self.fingerprint,
+                               self.float16_fingerprint, content_id=self.content_id if whole else None)
+        selected._verified = self._verified
+        return selected
 
     @classmethod
     def concat(cls, indexes: Sequence["EntityIndex"]) -> "EntityIndex":
@@ -364,9 +403,11 @@ class EntityIndex:
                                  f"{sorted(index.tensors)} against {sorted(first.tensors)}")
         tensors = {name: torch.cat([index.tensors[name] for index in indexes]) for name in first.tensors}
         float16 = {index.float16_fingerprint for index in indexes}
-        return cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint,
-                   float16.pop() if len(float16) == 1 else None,
-                   content_id=first.content_id if len(indexes) == 1 else None)
+        joined = cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint,
+                     float16.pop() if len(float16) == 1 else None,
+                     content_id=first.content_id if len(indexes) == 1 else None)
+        joined._verified = first._verified  # (all have its fingerprint)
+        return joined
 
     # ------------------------------------------------------------------------------------------------ build
 
@@ -394,7 +435,7 @@ class EntityIndex:
         rows = _Rows(num_entities, dtype, device)
         for start in range(0, num_entities, step):
             rows.add(model, M3ELFeatures(**{k: v[start : start + step].to(model.device) for k, v in features.items()}))
-        return cls(rows.result(), entity_ids, **fingerprint.result())
+        return fingerprint.verified(cls(rows.result(), entity_ids, **fingerprint.result()))
 
     @classmethod
     @torch.no_grad()
@@ -432,7 +473,7 @@ class EntityIndex:
                 bar.update(min(batch_size, len(entity_ids) - start))
         if bar is not None:
             bar.close()
-        return cls(rows.result(), entity_ids, **fingerprint.result())
+        return fingerprint.verified(cls(rows.result(), entity_ids, **fingerprint.result()))
 
     @classmethod
     @torch.no_grad()
@@ -493,7 +534,9 @@ class EntityIndex:
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
         # a new encoding: a new content id, one for all processes (each holds the whole index)
         content_id = _shared_content_id(accelerator) if world > 1 else None
-        return cls(tensors, [e["id"] for e in entities], **fingerprint.result(), content_id=content_id)
+        return fingerprint.verified(
+            cls(tensors, [e["id"] for e in entities], **fingerprint.result(), content_id=content_id)
+        )
 
     # --------------------------------------------------------------------------------------------- save/load
 
@@ -573,6 +616,7 @@ class EntityIndex:
                                      "(interrupted or concurrent save?); rebuild, or load again")
                 float16_fingerprint = meta.get("float16_fingerprint")  # absent from indexes saved before it was kept
                 if model is not None:
+                    state = _model_state(model)
                     match, current = _matches(model, meta["fingerprint"], float16_fingerprint)
                     if not match:
                         why = _stale_message(model, meta["fingerprint"], float16_fingerprint, current)
@@ -584,8 +628,11 @@ class EntityIndex:
             for name in list(tensors):  # one tensor at a time: each saved tensor is freed once converted
                 tensors[name] = tensors[name].to(dtype)
         content_id = meta.get("content_id") or meta.get("save_id") or _legacy_content_id(meta)
-        return cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint, meta.get("save_id"),
-                   content_id)
+        index = cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint, meta.get("save_id"),
+                    content_id)
+        if model is not None:
+            index._verified = (weakref.ref(model), state)
+        return index
 
     # -------------------------------------------------------------------------------------------------- rank
 
@@ -598,12 +645,32 @@ class EntityIndex:
 
     def check_model(self, model: M3ELModel) -> None:
         """Refuse (StaleIndexError) a model other than the one the index was built with, in float32, bfloat16 or
-        float16."""
+        float16. Hashes the model's weights (about half a second at B/32 size)."""
+        state = _model_state(model)
         match, current = _matches(model, self.fingerprint, self.float16_fingerprint)
         if not match:
             raise StaleIndexError(
                 "this entity index " + _stale_message(model, self.fingerprint, self.float16_fingerprint, current)
             )
+        self._verified = (weakref.ref(model), state)
+
+    def _check_use(self, model: M3ELModel) -> None:
+        """What scoring checks of `model`: that it is on the index's device, and `_check_known_model`."""
+        self._check_device(model)
+        self._check_known_model(model)
+
+    def _check_known_model(self, model: M3ELModel) -> None:
+        """
+        `check_model`, hashing the model's weights only when they, or its config, may have changed since this index
+        last found it to be the model it was built with (`_model_state`): an index from `build` or
+        `load(folder, model)` used with that model as it is costs no hash; a model trained a step, or cast to another
+        dtype, since costs one.
+        """
+        if self._verified is not None:
+            reference, state = self._verified
+            if reference() is model and state == _model_state(model):
+                return
+        self.check_model(model)
 
     @torch.no_grad()
     def scores(
@@ -613,7 +680,9 @@ class EntityIndex:
         """
         Exact final scores (B, E) of mentions against every entity. Entities are taken `chunk_size` at a time
         (default: as many as fit `memory_budget_bytes` of attention scores), so no (mention x entity x token x
-        token) tensor for the whole KB ever exists.
+        token) tensor for the whole KB ever exists. A model other than the one the index was built with (another
+        checkpoint, or this one changed since) is refused (StaleIndexError), as by `rank`, `topk` and
+        `score_candidates`.
         """
         mentions, num_mentions = self._prepared_mentions(model, mention_features)
         if chunk_size is None:
@@ -673,7 +742,7 @@ class EntityIndex:
         self, model: M3ELModel, mentions: dict, candidate_rows: torch.Tensor, memory_budget_bytes: int = 2**30
     ) -> torch.Tensor:
         """`score_candidates` from mentions already prepared with `model.prepare_mentions`."""
-        self._check_device(model)
+        self._check_use(model)
         num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
         if not isinstance(candidate_rows, torch.Tensor) or candidate_rows.dtype != torch.long:
             raise TypeError("candidate_rows must be a torch.LongTensor of shape (num_mentions, K)")
@@ -963,7 +1032,7 @@ class EntityIndex:
         num_mentions = mention_features.text_embeds.shape[0]
         if num_mentions == 0:
             raise ValueError("no mentions to rank (a batch of 0)")
-        self._check_device(model)
+        self._check_use(model)
         return self._on_index(model.prepare_mentions(mention_features)), num_mentions
 
     def _bound_chunks(self, num_mentions: int, chunk_size: int | None, memory_budget_bytes: int):

@@ -155,7 +155,9 @@ class TwoStageRetriever:
         memory_budget_bytes (`int`, *optional*, defaults to 1 GiB): bounds the exact re-scoring's gathered tensors
             and the "torch" backend's score blocks.
         check_model (`bool`, *optional*, defaults to `True`): refuse (StaleIndexError) an index built with another
-            model; hashes the model's weights once.
+            model at once, before its vectors are searched for; hashes the model's weights once, unless the index was
+            built or loaded with this model, unchanged since. With `False`, the first search refuses it instead (the
+            index's scoring checks the model it is given: `EntityIndex.scores`).
         faiss_index (*optional*): an index already built over `dense_entity_vectors(index, model)` (what `load`
             passes).
     """
@@ -182,7 +184,7 @@ class TwoStageRetriever:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.k_candidates = self._clipped_k(k_candidates, len(index))
         if check_model:
-            index.check_model(model)
+            index._check_known_model(model)
         self.index, self.model, self.backend = index, model, backend
         self.memory_budget_bytes = memory_budget_bytes
         self.use_gpu = use_gpu

@@ -231,6 +231,64 @@ def test_stale_index_is_refused(processor, kb, tmp_path):
     EntityIndex.load(tmp_path, model.to(torch.bfloat16))
 
 
+def test_scoring_refuses_a_changed_model_and_hashes_only_after_a_change(processor, kb, mentions, monkeypatch):
+    """`scores`, `rank`, `topk` and `score_candidates` refuse a model the index was not built with, as `load` does;
+    they hash its weights only when the model is not the one last checked or has changed since."""
+    import modeling_m3el.index_m3el as index_module
+
+    hashes = []
+    real = index_module.model_fingerprint
+    monkeypatch.setattr(index_module, "model_fingerprint", lambda *a, **k: hashes.append(1) or real(*a, **k))
+    model = _model(processor, "bidirectional")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    rows = torch.zeros(3, 2, dtype=torch.long)
+
+    def use_all(index, model):
+        index.scores(model, features)
+        index.rank(model, features, ["Q1", "Q2", "Q3"])
+        index.topk(model, features, k=2)
+        index.topk(model, features, k=2, candidates=4)
+        index.score_candidates(model, features, rows)
+
+    expected = index.scores(model, features)
+    use_all(index, model)
+    use_all(index.to(dtype=torch.float64), model)  # a cast of the index: the same fingerprints
+    assert hashes == []  # built with this model, unchanged since
+    # One optimiser step (any in-place write) makes the index stale: every scoring call refuses it.
+    parameter = model.text_matching.query.bias
+    saved = parameter.detach().clone()
+    with torch.no_grad():
+        parameter.add_(1e-2)
+    for call in (lambda: index.scores(model, features), lambda: index.rank(model, features, ["Q1", "Q2", "Q3"]),
+                 lambda: index.topk(model, features, k=2), lambda: index.score_candidates(model, features, rows)):
+        with pytest.raises(StaleIndexError, match="built with another model"):
+            call()
+    # The weights written back: the model passes again, after one more check (a hash per rounding tried, at most 2).
+    with torch.no_grad():
+        parameter.copy_(saved)
+    hashes.clear()
+    torch.testing.assert_close(index.scores(model, features), expected, rtol=0, atol=0)
+    assert 1 <= len(hashes) <= 2
+    hashes.clear()
+    use_all(index, model)
+    assert hashes == []
+    # Another model of the same architecture is refused; the same checkpoint loaded again, or cast, is not.
+    with pytest.raises(StaleIndexError):
+        index.scores(_model(processor, "bidirectional", seed=1), features)
+    again = _model(processor, "bidirectional")
+    torch.testing.assert_close(index.scores(again, features), expected, rtol=0, atol=0)
+    half = _model(processor, "bidirectional").to(torch.bfloat16)
+    with torch.no_grad():
+        half_scores = index.to(dtype=torch.bfloat16).scores(half, half.encode(**mentions))
+    torch.testing.assert_close(half_scores.float(), expected, rtol=0, atol=0.05)
+    # A config change is a change: checked again (it passes, this field does not enter the fingerprint).
+    hashes.clear()
+    model.config.architectures = ["Renamed"]
+    index.scores(model, features)
+    assert 1 <= len(hashes) <= 2
+
 def test_fingerprint_is_the_documented_hash(processor):
     """The fingerprint's bytes are those saved indexes (and published ones) were stamped with: blake2b-128 of the
     scoring config's JSON, then each state-dict entry's name and bytes, floating-point ones rounded to bfloat16. The
