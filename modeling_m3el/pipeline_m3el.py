@@ -6,6 +6,7 @@ import numbers
 import os
 import re
 import shutil
+import threading
 import warnings
 from collections.abc import Mapping
 
@@ -55,15 +56,105 @@ def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
         for number, line in enumerate(f, start=1):
             if not line.strip() or wanted is not None and not may_hold_one(line):
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                raise ValueError(f"{path}, line {number}: an entity needs a string 'id'")
+            record = _parsed(line, path, number)
             if wanted is None or record["id"] in wanted:
                 entities.append(record)
     return entities
+
+
+# a line whose top-level object starts with a string "id" (as `save_entities` and `m3el index` write them): its id is
+# read without parsing the rest of the line
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*"([^"\\]*)"\s*[,}]')  # (an id with escapes: not matched)
+
+
+class EntityRecords(Mapping):
+    """
+    A KB's metadata (`load_entities`'s records, by id) read from its `entities.jsonl` as they are asked for: opening
+    scans the file for each record's id and where its line starts, so that a KB of millions of entities costs the
+    pipeline neither the time to parse every line nor the memory to hold every record (a million records: about 1.5 GB
+    as dicts, against about a tenth of that here). A line that starts with its `"id"` key is parsed when its record is
+    first asked for, any other line at once; an error names the file and the line either way. An id given on two
+    lines: the later line. The file is held open and read as it was when opened: a file replaced since (renamed over,
+    as `save_entities` writes) is not seen; one changed in place is an error that says so.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (held: records are read from it as asked for)
+        self._lock = threading.Lock()
+        try:
+            self._offsets = self._scan()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _scan(self) -> dict[str, int]:
+        """id -> where its line starts, in the file's order; the lines that do not start with their id parsed."""
+        offsets: dict[str, int] = {}
+        offset = 0
+        for number, line in enumerate(self._file, start=1):
+            entity_id = None
+            match = _LEADING_ID.match(line)
+            if match is not None:
+                try:
+                    entity_id = match.group(1).decode("utf-8")
+                except UnicodeDecodeError:
+                    pass
+            if entity_id is None and line.strip():
+                entity_id = _parsed(line, self.path, number)["id"]
+            if entity_id is not None:
+                offsets[entity_id] = offset  # (an id on two lines: the later one)
+            offset += len(line)
+        return offsets
+
+    def __getitem__(self, entity_id: str) -> dict:
+        offset = self._offsets[entity_id]  # (a KeyError for an unknown id, as a dict)
+        with self._lock:
+            self._file.seek(offset)
+            line = self._file.readline()
+        record = _parsed(line, self.path, lambda: self._line_number(offset))
+        if record["id"] != entity_id:
+            raise ValueError(f"{self.path}: changed since it was opened (the line of entity {entity_id!r} now holds "
+                             f"{record['id']!r}); set the entities again")
+        return record
+
+    def __contains__(self, entity_id) -> bool:
+        return entity_id in self._offsets
+
+    def __iter__(self):
+        return iter(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __repr__(self) -> str:
+        return f"EntityRecords({self.path!r}, {len(self)} entities)"
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _line_number(self, offset: int) -> int:
+        with open(self.path, "rb") as f:
+            return f.read(offset).count(b"\n") + 1
+
+    def __getstate__(self):  # (a copy or a pickle opens the file anew)
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
+
+
+def _parsed(line: bytes | str, path: str, number) -> dict:
+    """One line of an `entities.jsonl` as a record, or a ValueError naming the file and the line (`number`: the
+    line's number, or a function that finds it)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}, line {number() if callable(number) else number}: not valid JSON "
+                         f"({getattr(error, 'msg', error)})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        raise ValueError(f"{path}, line {number() if callable(number) else number}: an entity needs a string 'id'")
+    return record
 
 
 def _decoded(json_string: str) -> str | None:
@@ -155,7 +246,8 @@ class M3ELEntityLinkingPipeline(Pipeline):
             indexed on the spot. Defaults to the index saved in the model's own folder or repo.
         entities (`str` or `list[dict]`, *optional*):
             the KB's metadata (names, descriptions, images) as an `entities.jsonl` path or a list of dicts. Defaults
-            to the `entities.jsonl` next to the index; without metadata, results carry ids and scores only.
+            to the `entities.jsonl` next to the index; without metadata, results carry ids and scores only. A file is
+            read as the results need it (`EntityRecords`: each line's id and offset held, not its record).
         top_k (`int`, *optional*, defaults to 5): entities returned per mention (at most the KB's size).
         candidates (`int`, *optional*): for a KB too large to score in full per request (hundreds of thousands of
             entities and more): only the `candidates` entities whose cheap estimate of the score is best (its dot
@@ -193,8 +285,9 @@ class M3ELEntityLinkingPipeline(Pipeline):
         self._entity_folder = folder  # where relative entity image paths live: a local folder or a Hub repo id
         if entities is None and records is None and folder is not None:  # (image paths stay relative to `folder`)
             path = self._find_file(folder, ENTITIES_FILE)
-            records = load_entities(path) if path is not None else None
-        self.set_entities(entities if entities is not None else records or [])
+            self.set_entities(path if path is not None else [], folder=folder)
+        else:
+            self.set_entities(entities if entities is not None else records or [])
         missing = [entity_id for entity_id in self.index.entity_ids if entity_id not in self.entities]
         if self.entities and missing:
             warnings.warn(f"{len(missing)} indexed entities have no metadata (e.g. {missing[:3]}); their names are None")
@@ -204,15 +297,21 @@ class M3ELEntityLinkingPipeline(Pipeline):
     def set_entities(self, entities: str | os.PathLike | list[dict], ids=None, folder: str | None = None) -> None:
         """
         Replace the KB's metadata shown with the results: an `entities.jsonl` path or a list of dicts (`ids` is then
-        not used). `ids`: read only these entities' records from the file (`load_entities`), e.g. those of results
-        already ranked, rather than a large KB's every line; `save_pretrained` then reads the whole file again, so
-        that the saved folder has every entity's metadata. `folder`: where the file's relative image paths live, a
-        local folder or a Hub repo id (default: the file's folder).
+        not used). A path is read as records are asked for (`EntityRecords`: the file is scanned for ids, each line
+        parsed when its entity is shown). `ids`: read only these entities' records from the file at once
+        (`load_entities`), e.g. those of results already ranked, which spares even the scan; `save_pretrained` then
+        reads the whole file again, so that the saved folder has every entity's metadata. `folder`: where the file's
+        relative image paths live, a local folder or a Hub repo id (default: the file's folder).
         """
+        if isinstance(getattr(self, "entities", None), EntityRecords):
+            self.entities.close()  # (the file it held open)
         self._entity_file = None
         if isinstance(entities, (str, os.PathLike)):
             self._entity_folder = folder if folder is not None else os.path.dirname(os.path.abspath(entities))
-            self._entity_file = os.fspath(entities) if ids is not None else None  # (a part of it read)
+            if ids is None:
+                self.entities = EntityRecords(entities)
+                return
+            self._entity_file = os.fspath(entities)  # (a part of it read)
             entities = load_entities(entities, ids)
         self.entities = {str(record["id"]): record for record in entities}
 
@@ -415,7 +514,16 @@ class M3ELEntityLinkingPipeline(Pipeline):
             records = [_with_images(entities[i]) for i in self.index.entity_ids if i in entities]
             if entity_images == "copy":
                 records = self._copy_entity_images(records, save_directory)
-            save_entities(save_directory, records)
+            held = self.entities.path if isinstance(self.entities, EntityRecords) else None
+            target = os.path.join(save_directory, ENTITIES_FILE)
+            if held is None or not os.path.exists(target) or not os.path.samefile(held, target):
+                save_entities(save_directory, records)
+                return
+            self.entities.close()  # the file read is the one replaced (a file held open cannot be, on Windows)
+            try:
+                save_entities(save_directory, records)
+            finally:  # the file now there, as written (or as it was)
+                self.set_entities(target, folder=self._entity_folder)
 
     def _copy_entity_images(self, records: list[dict], save_directory: str | os.PathLike) -> list[dict]:
         """
@@ -480,4 +588,4 @@ def _with_images(record: dict) -> dict:
     return {**record, "images": list(images)}
 
 
-__all__ = ["M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]
+__all__ = ["EntityRecords", "M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]

@@ -173,6 +173,18 @@ def test_training_benchmark_runs_both_precisions_and_checkpointing(tmp_path):
     assert 0 < recomputed["peak_gib"] < plain["peak_gib"]
 
 
+def test_entity_metadata_benchmark_reads_the_same_records_both_ways(tmp_path):
+    output = tmp_path / "metadata.json"
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "bench_entity_metadata.py"), "--check", "--json",
+                                output], capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    (result,) = json.loads(output.read_text())["results"]
+    assert result["same_records"] and result["records_compared"] == result["entities"] == 2000
+    # the offsets of 2,000 lines, against 2,000 dicts of a name, a description and a list of one path
+    assert 0 < 4 * result["scan_held_bytes"] < result["parse_all_held_bytes"]
+    assert "| 2,000 |" in completed.stdout
+
+
 def test_index_memory_benchmark_counts_every_tensor(tmp_path):
     stdout, payload = _run("index_memory.py", tmp_path)
     float32, bfloat16 = payload["results"]

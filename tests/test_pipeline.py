@@ -325,3 +325,90 @@ def test_load_entities_of_given_ids_parses_only_their_lines(tmp_path):
     # more ids than one regular expression holds: every line's ids are decoded and looked up, the same records
     many = ["Q1", "Zoë", "a/b", "é"] + [f"absent-{n}" for n in range(40)]
     assert load_entities(path, ids=many) == [records[0], records[2], records[3], records[4]]
+
+
+def test_entity_records_read_lines_as_asked_for_and_equal_the_parsed_file(tmp_path):
+    """`EntityRecords` (what a pipeline reads its KB's metadata through) holds each id's line offset, not the records:
+    the same records as `load_entities`, for lines that start with their id and lines that do not (ids with escapes,
+    another key first, a nested "id" first), blank lines and Windows line ends; an id on two lines is the later one."""
+    import copy
+    import pickle
+
+    from modeling_m3el.pipeline_m3el import EntityRecords
+
+    records = [{"id": "Q1", "name": "Jaguar", "description": "a cat", "images": ["a.jpg"]},
+               {"name": "id first? no", "id": "Q2", "description": "its id is not its first key"},
+               {"source": {"id": "Q1"}, "id": "Q3", "name": "nested", "description": "a nested id first"},
+               {"id": "é", "name": "e", "description": "its id written as \\u00e9"},
+               {"id": "Zoë", "name": "Zoë", "description": "written as it is"},
+               {"id": "Q1", "name": "Jaguar (car)", "description": "Q1 again: this line wins"}]
+    lines = [json.dumps(records[0]), json.dumps(records[1]), "", json.dumps(records[2]), json.dumps(records[3]),
+             "  ", json.dumps(records[4], ensure_ascii=False), json.dumps(records[5])]
+    path = tmp_path / "entities.jsonl"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    lazy = EntityRecords(path)
+    parsed = {record["id"]: record for record in load_entities(path)}
+    assert list(lazy) == list(parsed) == ["Q1", "Q2", "Q3", "é", "Zoë"]
+    assert dict(lazy) == parsed and lazy["Q1"] == records[5] and len(lazy) == 5
+    assert "Q2" in lazy and "Q4" not in lazy and lazy.get("Q4") is None
+    with pytest.raises(KeyError):
+        lazy["Q4"]
+    for duplicate in (copy.deepcopy(lazy), pickle.loads(pickle.dumps(lazy))):  # each opens the file anew
+        assert dict(duplicate) == parsed
+    # A file replaced since (renamed over) is not seen: the one opened is read.
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(json.dumps({"id": "Q9", "name": "new", "description": "x"}) + "\n")
+    os.replace(replacement, path)
+    assert lazy["Zoë"] == records[4]
+    lazy.close()
+
+
+def test_entity_records_errors_name_the_file_and_line(tmp_path):
+    from modeling_m3el.pipeline_m3el import EntityRecords
+
+    path = tmp_path / "entities.jsonl"
+    good = json.dumps({"id": "Q1", "name": "a", "description": "b"})
+    # A line that does not start with its id is parsed when the file is opened.
+    path.write_text("\n".join([good, '{"name": "no id"}']) + "\n")
+    with pytest.raises(ValueError, match=r"entities\.jsonl, line 2: an entity needs a string 'id'"):
+        EntityRecords(path)
+    path.write_text("\n".join([good, "{not json"]) + "\n")
+    with pytest.raises(ValueError, match=r"entities\.jsonl, line 2: not valid JSON"):
+        EntityRecords(path)
+    # One that does is parsed when its record is asked for: the error comes then, with its line.
+    path.write_text("\n".join([good, "", '{"id": "Q2", "name": "cut short']) + "\n")
+    lazy = EntityRecords(path)
+    assert lazy["Q1"]["name"] == "a"
+    with pytest.raises(ValueError, match=r"entities\.jsonl, line 3: not valid JSON"):
+        lazy["Q2"]
+    lazy.close()
+    # A file changed in place under it is said to have changed, not read as another entity's record.
+    path.write_text("\n".join([good, json.dumps({"id": "Q2", "name": "c", "description": "d"})]) + "\n")
+    lazy = EntityRecords(path)
+    with open(path, "r+b") as f:  # the same length: the two ids swapped
+        f.write(path.read_bytes().replace(b'"Q1"', b'"QX"'))
+    with pytest.raises(ValueError, match="changed since it was opened"):
+        lazy["Q1"]
+    lazy.close()
+
+
+def test_a_pipeline_saved_into_the_folder_it_reads_its_metadata_from(linker, hub_folder, test_mentions, tmp_path):
+    """The pipeline reads `entities.jsonl` as results need it, from the file it opened; saving into that very folder
+    replaces the file, which the pipeline then reads (on Windows a file held open could not be replaced)."""
+    import shutil
+
+    from modeling_m3el.pipeline_m3el import EntityRecords
+
+    folder = tmp_path / "copy"
+    shutil.copytree(hub_folder, folder)
+    model = M3ELModel.from_pretrained(folder).eval()
+    own = M3ELEntityLinkingPipeline(model=model, processor=linker.processor, device="cpu")
+    assert isinstance(own.entities, EntityRecords) and len(own.entities) == len(own.index)
+    mention = {key: test_mentions[0][key] for key in ("mention", "text", "image")}
+    before = own(mention, top_k=3)
+    assert before == [dict(e, image=e["image"].replace(str(hub_folder), str(folder)) if e["image"] else None)
+                      for e in linker(mention, top_k=3)]
+    own.save_pretrained(folder)
+    assert own(mention, top_k=3) == before
+    assert own.entities.path == str(folder / "entities.jsonl")
+    assert {record["id"] for record in load_entities(folder / "entities.jsonl")} == set(own.index.entity_ids)
