@@ -55,6 +55,7 @@ def _fingerprint_snapshot(
     """
     if rounding not in FINGERPRINT_ROUNDINGS:
         raise ValueError(f"a fingerprint rounds weights to one of {FINGERPRINT_ROUNDINGS}, got {rounding}")
+    model = _unwrapped(model)
     config = json.dumps(_scoring_config(model.config.to_dict()), sort_keys=True, default=str).encode()
     named = sorted(model.state_dict().items())
     floating = [t.detach() for _, t in named if t.is_floating_point()]
@@ -120,14 +121,42 @@ def _matches(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None
     return False, first
 
 
+_optimizer_steps = [0]  # optimizer steps taken in this process (counted once `_model_state` has been called)
+
+
+def _count_optimizer_steps() -> None:
+    if getattr(_count_optimizer_steps, "registered", False):
+        return
+
+    def count(optimizer, args, kwargs):
+        _optimizer_steps[0] += 1
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(count)
+    _count_optimizer_steps.registered = True
+
+
+def _config_fields(config) -> tuple:
+    """The config's own fields, and its sub-configs' (`clip_config`, its `text_config` ...), as (name, repr) pairs."""
+    fields = []
+    for name, value in sorted(vars(config).items()):
+        fields.append((name, _config_fields(value) if hasattr(value, "to_dict") else repr(value)))
+    return tuple(fields)
+
+
 def _model_state(model: M3ELModel) -> tuple:
     """
     What a change to the model's weights or config changes, read without touching the weights: each parameter's and
-    buffer's storage and version counter (which every in-place write bumps: an optimizer step, `load_state_dict`), its
-    dtype, and the config's own fields (its sub-configs by identity). Host-side attributes only (no device
-    synchronisation): about half a millisecond at B/32 size, against about half a second to hash the weights. A
-    tensor made in `torch.inference_mode` keeps no version counter: its in-place writes in that mode go unseen.
+    buffer's storage, dtype and version counter (which in-place writes to it bump: `load_state_dict`, `nn.init`, the
+    foreach and for-loop optimizers), the number of optimizer steps taken in this process (fused optimizers leave the
+    version counters as they are), and the fields of the config and its sub-configs. Host-side attributes only (no
+    device synchronisation): about 0.6 ms at B/32 size, against about a second to hash the weights on this CPU.
+    Unseen: writes through `.data` (a tensor with a version counter of its own), through a numpy view of a weight, and
+    in `torch.inference_mode` (whose tensors keep no version counter); after those, call `check_model`.
     """
+    _count_optimizer_steps()
+    model = _unwrapped(model)
     tensors = []
     for module in model.modules():  # (one walk over the modules: `parameters()` and `buffers()` would take two)
         for tensor in itertools.chain(module._parameters.values(), module._buffers.values()):
@@ -138,8 +167,12 @@ def _model_state(model: M3ELModel) -> tuple:
             except RuntimeError:  # an inference tensor
                 version = None
             tensors.append((tensor.data_ptr(), tensor.dtype, version))
-    fields = sorted((name, repr(value)) for name, value in vars(model.config).items() if not hasattr(value, "to_dict"))
-    return tuple(tensors), tuple(fields)
+    return tuple(tensors), _optimizer_steps[0], _config_fields(model.config)
+
+
+def _unwrapped(model: M3ELModel) -> M3ELModel:
+    """The model itself, out of `torch.compile`'s wrapper (whose weights' names start with `_orig_mod.`)."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _stale_message(model: M3ELModel, fingerprint: str, float16_fingerprint: str | None, current: str) -> str:
@@ -176,7 +209,7 @@ class _BackgroundFingerprint:
     def verified(self, index: "EntityIndex") -> "EntityIndex":
         """`index` (built with these fingerprints), knowing the model as it was when its weights were copied: ranking
         with the model unchanged since then does not hash it again (`EntityIndex._check_use`)."""
-        index._verified = (weakref.ref(self.model), self.model_state)
+        index._verified[self.model] = self.model_state
         self.model = None
         return index
 
@@ -257,8 +290,9 @@ class EntityIndex:
     Build with `EntityIndex.build(model, processor, entities)` (or `from_features`), save with `save(folder)`,
     load with `EntityIndex.load(folder, model)` (refused when `model` is not the one it was built with), and rank
     with `scores`, `rank`, `topk` or `score_candidates`. Those calls refuse a model the index was not built with too,
-    without hashing its weights again (about half a second at B/32 size) while the model is the one last checked and
-    unchanged since (a training step or a dtype cast changes it): after training, rebuild the index.
+    without hashing its weights again (about a second at B/32 size on a CPU) while the model is one already checked and
+    unchanged since: an optimizer step, `load_state_dict` or a dtype cast is seen, and costs one hash (after training,
+    rebuild the index); a write through `.data` or a numpy view is not seen (call `check_model` after one).
 
     Two identifiers: `content_id` names the encoding (which entity tensors these are), `save_id` the save (which
     write of the files). An encoding (`build`, `from_inputs`, `from_features`), a subset or a union (`select`,
@@ -315,12 +349,20 @@ class EntityIndex:
         # Which encoding these tensors are: kept by `save`/`load` and `to`, new for new tensors (see the class).
         self.content_id = content_id if content_id is not None else _new_content_id()
         self._position = {entity_id: i for i, entity_id in enumerate(self.entity_ids)}
-        # (a weak reference to a model, its `_model_state`) when that model was last found to be the one the index
-        # was built with: scoring with it, unchanged since, needs no new hash (`_check_use`)
-        self._verified: tuple[weakref.ref, tuple] | None = None
+        # The models last found to be the one the index was built with, each with its `_model_state` then: scoring
+        # with one of them, unchanged since, needs no new hash (`_check_known_model`). Shared with the indexes of the
+        # same fingerprints made from this one (`to`, `select`); held weakly.
+        self._verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __len__(self) -> int:
         return len(self.entity_ids)
+
+    def __getstate__(self) -> dict:  # (a pickle or a copy knows no model yet: the first scoring call checks it)
+        return {key: value for key, value in self.__dict__.items() if key != "_verified"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._verified = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"EntityIndex({len(self)} entities, {self.nbytes / 2**20:.1f} MiB, {self.dtype}, {self.device})"
@@ -346,7 +388,7 @@ class EntityIndex:
         tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         moved = EntityIndex(tensors, self.entity_ids, self.fingerprint, self.float16_fingerprint, self.save_id,
                             self.content_id)
-        moved._verified = self._verified  # the same fingerprints: the same models pass
+        moved._verified = self._verified  # the same fingerprints: the same models pass (one record for both)
         return moved
 
     def positions(self, entity_ids: Iterable[str]) -> torch.Tensor:
@@ -406,7 +448,8 @@ class EntityIndex:
         joined = cls(tensors, [entity_id for index in indexes for entity_id in index.entity_ids], first.fingerprint,
                      float16.pop() if len(float16) == 1 else None,
                      content_id=first.content_id if len(indexes) == 1 else None)
-        joined._verified = first._verified  # (all have its fingerprint)
+        if joined.float16_fingerprint == first.float16_fingerprint:  # (all have its bfloat16 fingerprint)
+            joined._verified = first._verified
         return joined
 
     # ------------------------------------------------------------------------------------------------ build
@@ -631,7 +674,7 @@ class EntityIndex:
         index = cls(tensors, meta["entity_ids"], meta["fingerprint"], float16_fingerprint, meta.get("save_id"),
                     content_id)
         if model is not None:
-            index._verified = (weakref.ref(model), state)
+            index._verified[model] = state
         return index
 
     # -------------------------------------------------------------------------------------------------- rank
@@ -652,7 +695,7 @@ class EntityIndex:
             raise StaleIndexError(
                 "this entity index " + _stale_message(model, self.fingerprint, self.float16_fingerprint, current)
             )
-        self._verified = (weakref.ref(model), state)
+        self._verified[model] = state
 
     def _check_use(self, model: M3ELModel) -> None:
         """What scoring checks of `model`: that it is on the index's device, and `_check_known_model`."""
@@ -666,10 +709,8 @@ class EntityIndex:
         `load(folder, model)` used with that model as it is costs no hash; a model trained a step, or cast to another
         dtype, since costs one.
         """
-        if self._verified is not None:
-            reference, state = self._verified
-            if reference() is model and state == _model_state(model):
-                return
+        if self._verified.get(model) == _model_state(model):
+            return
         self.check_model(model)
 
     @torch.no_grad()

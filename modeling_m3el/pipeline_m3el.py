@@ -8,6 +8,7 @@ import re
 import shutil
 import threading
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -23,7 +24,7 @@ UNREADABLE_IMAGE_MODES = ("error", "zero")
 
 
 # a JSON string value of an "id" key, anywhere in a line (of the entity or of a nested object)
-_ID_VALUE = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.)*")')
+_ID_VALUE = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.)*")')
 _MAX_MARKERS = 32  # wanted ids searched for as one regular expression; more: the ids of each line are read instead
 
 
@@ -31,10 +32,11 @@ def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
     """
     Read a KB's metadata: JSON Lines of `{"id": str, "name": str, "description": str, "images": [str]}` (`images`
     optional; paths relative to the file's folder, absolute paths or URLs), the layout of the benchmark loader's
-    `entities.jsonl`. `ids`: only the records of these entity ids (all of them, in file order), for a few results of
-    a large KB: only the lines that can hold one of them are parsed (and so checked). A line can when it holds one of
-    the ids as a JSON string as `json.dumps` writes it, or, for a line with escapes, when one of its `"id"` values
-    decodes to one of them; with more than 32 ids, every line's `"id"` values are decoded and looked up.
+    `entities.jsonl`, in UTF-8 (a byte order mark before the first line is allowed), lines ending in a line feed.
+    `ids`: only the records of these entity ids (all of them, in file order), for a few results of a large KB: only
+    the lines that can hold one of them are parsed (and so checked). A line can when it holds one of the ids as a JSON
+    string as `json.dumps` writes it, or, for a line with escapes, when one of its `"id"` values decodes to one of
+    them; with more than 32 ids, every line's `"id"` values are decoded and looked up.
     """
     wanted = markers = None
     if ids is not None:
@@ -43,20 +45,22 @@ def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
             return []
         if len(wanted) <= _MAX_MARKERS:  # one regular expression: about 0.5 s for a million lines
             forms = {form for i in wanted for form in (json.dumps(i), json.dumps(i, ensure_ascii=False))}
-            markers = re.compile("|".join(re.escape(form) for form in sorted(forms)))
+            markers = re.compile(b"|".join(re.escape(form.encode("utf-8")) for form in sorted(forms)))
 
-    def may_hold_one(line: str) -> bool:
+    def may_hold_one(line: bytes) -> bool:
         if markers is not None and markers.search(line):
             return True
         # an id written with escapes ("\u00e9", "\/") is not found as json.dumps writes it: its decoded value is
-        return (markers is None or "\\" in line) and any(_decoded(value) in wanted for value in _ID_VALUE.findall(line))
+        return (markers is None or b"\\" in line) and any(
+            _decoded(value.decode("utf-8", "replace")) in wanted for value in _ID_VALUE.findall(line)
+        )
 
     entities = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip() or wanted is not None and not may_hold_one(line):
                 continue
-            record = _parsed(line, path, number)
+            record = _parsed(line, path, number, first=number == 1)
             if wanted is None or record["id"] in wanted:
                 entities.append(record)
     return entities
@@ -71,37 +75,41 @@ class EntityRecords(Mapping):
     """
     A KB's metadata (`load_entities`'s records, by id) read from its `entities.jsonl` as they are asked for: opening
     scans the file for each record's id and where its line starts, so that a KB of millions of entities costs the
-    pipeline neither the time to parse every line nor the memory to hold every record (a million records: about 1.5 GB
-    as dicts, against about a tenth of that here). A line that starts with its `"id"` key is parsed when its record is
-    first asked for, any other line at once; an error names the file and the line either way. An id given on two
-    lines: the later line. The file is held open and read as it was when opened: a file replaced since (renamed over,
-    as `save_entities` writes) is not seen; one changed in place is an error that says so.
+    pipeline neither the time to parse every line nor the memory to hold every record (a million records of about
+    250 bytes: 0.9 GB as dicts, 0.11 GB here; `benchmarks/README.md`, section (e)).
+
+    A line that starts with its `"id"` key, holds no other `"id"` and no carriage return but its last, is parsed when
+    its record is first asked for; any other line at once. An error names the file and the line either way. An id
+    given on two lines: the later line. The file is held open (`close()`, or a `with` block, closes it) and read as it
+    was when opened: a file replaced since (renamed over, as `save_entities` writes) is not seen; one changed in place
+    is an error that says so.
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(os.fspath(path))
         self._file = open(self.path, "rb")  # noqa: SIM115 (held: records are read from it as asked for)
+        self._closer = weakref.finalize(self, self._file.close)  # (closed when dropped, too)
         self._lock = threading.Lock()
         try:
             self._offsets = self._scan()
         except BaseException:
-            self._file.close()
+            self.close()
             raise
 
     def _scan(self) -> dict[str, int]:
-        """id -> where its line starts, in the file's order; the lines that do not start with their id parsed."""
+        """id -> where its line starts, in the file's order; the lines not read by their start parsed."""
         offsets: dict[str, int] = {}
         offset = 0
         for number, line in enumerate(self._file, start=1):
             entity_id = None
             match = _LEADING_ID.match(line)
-            if match is not None:
+            if match is not None and line.find(b'"id"', match.end()) < 0 and line.find(b"\r", 0, len(line) - 2) < 0:
                 try:
                     entity_id = match.group(1).decode("utf-8")
                 except UnicodeDecodeError:
                     pass
             if entity_id is None and line.strip():
-                entity_id = _parsed(line, self.path, number)["id"]
+                entity_id = _parsed(line, self.path, number, first=number == 1)["id"]
             if entity_id is not None:
                 offsets[entity_id] = offset  # (an id on two lines: the later one)
             offset += len(line)
@@ -112,7 +120,7 @@ class EntityRecords(Mapping):
         with self._lock:
             self._file.seek(offset)
             line = self._file.readline()
-        record = _parsed(line, self.path, lambda: self._line_number(offset))
+        record = _parsed(line, self.path, lambda: self._line_number(offset), first=offset == 0)
         if record["id"] != entity_id:
             raise ValueError(f"{self.path}: changed since it was opened (the line of entity {entity_id!r} now holds "
                              f"{record['id']!r}); set the entities again")
@@ -131,11 +139,34 @@ class EntityRecords(Mapping):
         return f"EntityRecords({self.path!r}, {len(self)} entities)"
 
     def close(self) -> None:
-        self._file.close()
+        self._closer()
+
+    def __enter__(self) -> "EntityRecords":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def holds(self, path: str | os.PathLike) -> bool:
+        """Whether `path` is the file held open (not one written over it since)."""
+        try:
+            there = os.stat(path)
+        except OSError:
+            return False
+        held = os.fstat(self._file.fileno())
+        return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
     def _line_number(self, offset: int) -> int:
-        with open(self.path, "rb") as f:
-            return f.read(offset).count(b"\n") + 1
+        count = 0
+        with self._lock:
+            self._file.seek(0)
+            while offset > 0:
+                chunk = self._file.read(min(offset, 2**20))
+                if not chunk:
+                    break
+                count += chunk.count(b"\n")
+                offset -= len(chunk)
+        return count + 1
 
     def __getstate__(self):  # (a copy or a pickle opens the file anew)
         return {"path": self.path}
@@ -144,16 +175,24 @@ class EntityRecords(Mapping):
         self.__init__(state["path"])
 
 
-def _parsed(line: bytes | str, path: str, number) -> dict:
+def _parsed(line: bytes, path, number, first: bool = False) -> dict:
     """One line of an `entities.jsonl` as a record, or a ValueError naming the file and the line (`number`: the
-    line's number, or a function that finds it)."""
+    line's number, or a function that finds it; `first`: the file's first line, which may start with a byte order
+    mark)."""
+
+    def where() -> str:
+        return f"{path}, line {number() if callable(number) else number}"
+
     try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}, line {number() if callable(number) else number}: not valid JSON "
-                         f"({getattr(error, 'msg', error)})") from None
+        text = line.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where()}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where()}: not valid JSON ({error.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-        raise ValueError(f"{path}, line {number() if callable(number) else number}: an entity needs a string 'id'")
+        raise ValueError(f"{where()}: an entity needs a string 'id'")
     return record
 
 
@@ -294,18 +333,27 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------------ the KB
 
-    def set_entities(self, entities: str | os.PathLike | list[dict], ids=None, folder: str | None = None) -> None:
+    def set_entities(
+        self, entities: str | os.PathLike | list[dict] | Mapping, ids=None, folder: str | None = None
+    ) -> None:
         """
-        Replace the KB's metadata shown with the results: an `entities.jsonl` path or a list of dicts (`ids` is then
-        not used). A path is read as records are asked for (`EntityRecords`: the file is scanned for ids, each line
-        parsed when its entity is shown). `ids`: read only these entities' records from the file at once
-        (`load_entities`), e.g. those of results already ranked, which spares even the scan; `save_pretrained` then
-        reads the whole file again, so that the saved folder has every entity's metadata. `folder`: where the file's
-        relative image paths live, a local folder or a Hub repo id (default: the file's folder).
+        Replace the KB's metadata shown with the results: an `entities.jsonl` path, a list of dicts, or a mapping of
+        ids to dicts such as an `EntityRecords` (`ids` is then not used). A path is read as records are asked for
+        (`EntityRecords`: the file is scanned for ids, each line parsed when its entity is shown). `ids`: read only
+        these entities' records from the file at once (`load_entities`), e.g. those of results already ranked, which
+        spares even the scan; `save_pretrained` then reads the whole file again, so that the saved folder has every
+        entity's metadata. `folder`: where the file's relative image paths live, a local folder or a Hub repo id
+        (default: the file's folder).
         """
-        if isinstance(getattr(self, "entities", None), EntityRecords):
-            self.entities.close()  # (the file it held open)
+        previous = getattr(self, "entities", None)
+        if isinstance(previous, EntityRecords) and previous is not entities:
+            previous.close()  # (the file it held open)
         self._entity_file = None
+        if isinstance(entities, Mapping):
+            if folder is not None or isinstance(entities, EntityRecords):
+                self._entity_folder = folder if folder is not None else os.path.dirname(entities.path)
+            self.entities = entities
+            return
         if isinstance(entities, (str, os.PathLike)):
             self._entity_folder = folder if folder is not None else os.path.dirname(os.path.abspath(entities))
             if ids is None:
@@ -376,7 +424,10 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     def entity_image(self, entity_id: str) -> str | None:
         """The entity's first image as a local path or URL (fetched from the Hub when the KB lives there), or None."""
-        images = self.entities.get(entity_id, {}).get("images") or []
+        return self._first_image(self.entities.get(entity_id) or {})
+
+    def _first_image(self, record: dict) -> str | None:
+        images = record.get("images") or []
         if not images or not isinstance(images[0], str):
             return None
         reference = images[0]
@@ -466,9 +517,9 @@ class M3ELEntityLinkingPipeline(Pipeline):
 
     def describe(self, entity_id: str) -> dict:
         """What the results show of an entity: `id`, `name`, `description` and `image` (see `entity_image`)."""
-        record = self.entities.get(entity_id, {})
+        record = self.entities.get(entity_id) or {}
         return {"id": entity_id, "name": record.get("name"), "description": record.get("description"),
-                "image": self.entity_image(entity_id)}
+                "image": self._first_image(record)}
 
     # ------------------------------------------------------------------------------------------------- saving
 
@@ -514,9 +565,8 @@ class M3ELEntityLinkingPipeline(Pipeline):
             records = [_with_images(entities[i]) for i in self.index.entity_ids if i in entities]
             if entity_images == "copy":
                 records = self._copy_entity_images(records, save_directory)
-            held = self.entities.path if isinstance(self.entities, EntityRecords) else None
             target = os.path.join(save_directory, ENTITIES_FILE)
-            if held is None or not os.path.exists(target) or not os.path.samefile(held, target):
+            if not (isinstance(self.entities, EntityRecords) and self.entities.holds(target)):
                 save_entities(save_directory, records)
                 return
             self.entities.close()  # the file read is the one replaced (a file held open cannot be, on Windows)
@@ -588,4 +638,7 @@ def _with_images(record: dict) -> dict:
     return {**record, "images": list(images)}
 
 
-__all__ = ["EntityRecords", "M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities", "save_entities"]
+__all__ = [
+    "EntityRecords", "M3ELEntityLinkingPipeline", "TASK", "check_mention", "check_top_k", "load_entities",
+    "save_entities",
+]

@@ -1,6 +1,7 @@
 """EntityIndex and the exact ranker: same scores as forward, chunking invisible, save/load, stale indexes refused."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -288,6 +289,26 @@ def test_scoring_refuses_a_changed_model_and_hashes_only_after_a_change(processo
     model.config.architectures = ["Renamed"]
     index.scores(model, features)
     assert 1 <= len(hashes) <= 2
+    # A step of a fused optimizer, which leaves the weights' version counters as they are, is seen too.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    for weight in model.parameters():
+        weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    with pytest.raises(StaleIndexError):
+        index.scores(model, features)
+    # A pickled or copied index checks the model once; torch.compile's wrapper is the model it wraps.
+    import copy
+    import pickle
+
+    again = _model(processor, "bidirectional")
+    for duplicate in (pickle.loads(pickle.dumps(index)), copy.deepcopy(index)):
+        hashes.clear()
+        torch.testing.assert_close(duplicate.scores(again, features), expected, rtol=0, atol=0)
+        assert 1 <= len(hashes) <= 2
+    with warnings.catch_warnings():  # (importing torch.compile's machinery warns of torch.jit's deprecations)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(again)
+    torch.testing.assert_close(index.scores(compiled, features), expected, rtol=0, atol=0)
 
 def test_fingerprint_is_the_documented_hash(processor):
     """The fingerprint's bytes are those saved indexes (and published ones) were stamped with: blake2b-128 of the

@@ -330,7 +330,8 @@ def test_load_entities_of_given_ids_parses_only_their_lines(tmp_path):
 def test_entity_records_read_lines_as_asked_for_and_equal_the_parsed_file(tmp_path):
     """`EntityRecords` (what a pipeline reads its KB's metadata through) holds each id's line offset, not the records:
     the same records as `load_entities`, for lines that start with their id and lines that do not (ids with escapes,
-    another key first, a nested "id" first), blank lines and Windows line ends; an id on two lines is the later one."""
+    another key first, a nested "id" first, a second "id" key, which JSON reads as the id), a byte order mark, blank
+    lines and Windows line ends; an id on two lines is the later one."""
     import copy
     import pickle
 
@@ -341,15 +342,17 @@ def test_entity_records_read_lines_as_asked_for_and_equal_the_parsed_file(tmp_pa
                {"source": {"id": "Q1"}, "id": "Q3", "name": "nested", "description": "a nested id first"},
                {"id": "é", "name": "e", "description": "its id written as \\u00e9"},
                {"id": "Zoë", "name": "Zoë", "description": "written as it is"},
-               {"id": "Q1", "name": "Jaguar (car)", "description": "Q1 again: this line wins"}]
+               {"id": "Q1", "name": "Jaguar (car)", "description": "Q1 again: this line wins"},
+               {"id": "Q5", "name": "two ids", "description": "its second id key is its id"}]
     lines = [json.dumps(records[0]), json.dumps(records[1]), "", json.dumps(records[2]), json.dumps(records[3]),
-             "  ", json.dumps(records[4], ensure_ascii=False), json.dumps(records[5])]
+             "  ", json.dumps(records[4], ensure_ascii=False), json.dumps(records[5]),
+             json.dumps(records[6]).replace('"id": "Q5", "name": "two ids"', '"id": "Q4", "name": "two ids", "id": "Q5"')]
     path = tmp_path / "entities.jsonl"
-    path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8"))
+    path.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n").encode("utf-8"))  # (a byte order mark first)
     lazy = EntityRecords(path)
     parsed = {record["id"]: record for record in load_entities(path)}
-    assert list(lazy) == list(parsed) == ["Q1", "Q2", "Q3", "é", "Zoë"]
-    assert dict(lazy) == parsed and lazy["Q1"] == records[5] and len(lazy) == 5
+    assert list(lazy) == list(parsed) == ["Q1", "Q2", "Q3", "é", "Zoë", "Q5"]
+    assert dict(lazy) == parsed and lazy["Q1"] == records[5] and len(lazy) == 6 and lazy["Q5"] == records[6]
     assert "Q2" in lazy and "Q4" not in lazy and lazy.get("Q4") is None
     with pytest.raises(KeyError):
         lazy["Q4"]
@@ -375,6 +378,19 @@ def test_entity_records_errors_name_the_file_and_line(tmp_path):
     path.write_text("\n".join([good, "{not json"]) + "\n")
     with pytest.raises(ValueError, match=r"entities\.jsonl, line 2: not valid JSON"):
         EntityRecords(path)
+    # Old Mac line ends (carriage returns alone) make one line of several records: refused at once, as load_entities
+    path.write_bytes(b'{"id": "Q1", "name": "a"}\r{"id": "Q2", "name": "b"}\r\n')
+    for read in (EntityRecords, load_entities):
+        with pytest.raises(ValueError, match=r"entities\.jsonl, line 1: not valid JSON \(Extra data\)"):
+            read(path)
+    # Bytes that are not UTF-8 (here an encoded surrogate): refused by both, naming the line (EntityRecords: when read)
+    path.write_bytes(b"\n".join([good.encode(), b'{"id": "Q2", "name": "\xed\xa0\x80"}']) + b"\n")
+    with pytest.raises(ValueError, match=r"entities\.jsonl, line 2: not valid UTF-8"):
+        load_entities(path)
+    with EntityRecords(path) as lazy:
+        assert lazy["Q1"]["name"] == "a"
+        with pytest.raises(ValueError, match=r"entities\.jsonl, line 2: not valid UTF-8"):
+            lazy["Q2"]
     # One that does is parsed when its record is asked for: the error comes then, with its line.
     path.write_text("\n".join([good, "", '{"id": "Q2", "name": "cut short']) + "\n")
     lazy = EntityRecords(path)
@@ -390,6 +406,30 @@ def test_entity_records_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="changed since it was opened"):
         lazy["Q1"]
     lazy.close()
+
+
+def test_entity_records_hold_their_file(tmp_path, monkeypatch):
+    """The file is held by its absolute path and open handle: a change of working directory, a copy, the file's
+    folder removed; a dropped `EntityRecords` closes its file."""
+    import copy
+    import gc
+
+    from modeling_m3el.pipeline_m3el import EntityRecords
+
+    (tmp_path / "kb").mkdir()
+    path = tmp_path / "kb" / "entities.jsonl"
+    path.write_text(json.dumps({"id": "Q1", "name": "a", "description": "b"}) + "\n")
+    monkeypatch.chdir(tmp_path / "kb")
+    lazy = EntityRecords("entities.jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert lazy.path == str(path) and copy.deepcopy(lazy)["Q1"]["name"] == "a"
+    assert lazy.holds(path) and not lazy.holds(tmp_path / "elsewhere.jsonl")
+    path.unlink()
+    assert lazy["Q1"]["name"] == "a" and not lazy.holds(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del lazy
+        gc.collect()
 
 
 def test_a_pipeline_saved_into_the_folder_it_reads_its_metadata_from(linker, hub_folder, test_mentions, tmp_path):
@@ -410,5 +450,18 @@ def test_a_pipeline_saved_into_the_folder_it_reads_its_metadata_from(linker, hub
                       for e in linker(mention, top_k=3)]
     own.save_pretrained(folder)
     assert own(mention, top_k=3) == before
-    assert own.entities.path == str(folder / "entities.jsonl")
+    assert own.entities.path == str(folder / "entities.jsonl") and own.entities.holds(folder / "entities.jsonl")
     assert {record["id"] for record in load_entities(folder / "entities.jsonl")} == set(own.index.entity_ids)
+    # The folder read from removed: the results still show their names and descriptions (their images went with the
+    # folder), and saving elsewhere (twice) works.
+    shutil.copytree(folder, tmp_path / "moved")
+    shutil.rmtree(folder)
+    assert own(mention, top_k=3) == [dict(e, image=None) for e in before]
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="entity images referenced in entities.jsonl were not copied"):
+            own.save_pretrained(tmp_path / "out")
+    assert load_entities(tmp_path / "out" / "entities.jsonl") == load_entities(tmp_path / "moved" / "entities.jsonl")
+    # An EntityRecords (or a dict of records) can be given as the metadata; its folder is where its images live.
+    own.set_entities(EntityRecords(tmp_path / "moved" / "entities.jsonl"))
+    assert own(mention, top_k=3) == [dict(e, image=e["image"].replace(str(folder), str(tmp_path / "moved"))
+                                          if e["image"] else None) for e in before]
