@@ -1,5 +1,6 @@
 """The `multimodal-entity-linking` pipeline: mentions (a name, its sentence, its image) in, a KB's top-k entities out."""
 
+import codecs
 import hashlib
 import json
 import numbers
@@ -45,7 +46,8 @@ def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
             return []
         if len(wanted) <= _MAX_MARKERS:  # one regular expression: about 0.5 s for a million lines
             forms = {form for i in wanted for form in (json.dumps(i), json.dumps(i, ensure_ascii=False))}
-            markers = re.compile(b"|".join(re.escape(form.encode("utf-8")) for form in sorted(forms)))
+            # (an id with a lone surrogate cannot be in a UTF-8 file as it is: its escaped form can)
+            markers = re.compile(b"|".join(re.escape(form.encode("utf-8", "surrogatepass")) for form in sorted(forms)))
 
     def may_hold_one(line: bytes) -> bool:
         if markers is not None and markers.search(line):
@@ -58,7 +60,7 @@ def load_entities(path: str | os.PathLike, ids=None) -> list[dict]:
     entities = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip() or wanted is not None and not may_hold_one(line):
+            if _blank(line, number == 1) or wanted is not None and not may_hold_one(line):
                 continue
             record = _parsed(line, path, number, first=number == 1)
             if wanted is None or record["id"] in wanted:
@@ -78,11 +80,11 @@ class EntityRecords(Mapping):
     pipeline neither the time to parse every line nor the memory to hold every record (a million records of about
     250 bytes: 0.9 GB as dicts, 0.11 GB here; `benchmarks/README.md`, section (e)).
 
-    A line that starts with its `"id"` key, holds no other `"id"` and no carriage return but its last, is parsed when
-    its record is first asked for; any other line at once. An error names the file and the line either way. An id
-    given on two lines: the later line. The file is held open (`close()`, or a `with` block, closes it) and read as it
-    was when opened: a file replaced since (renamed over, as `save_entities` writes) is not seen; one changed in place
-    is an error that says so.
+    A line that starts with its `"id"` key, holds no other `"id"` key (nor one written with escapes) and no carriage
+    return but its last, is parsed when its record is first asked for; any other line at once. An error names the
+    file and the line either way. An id given on two lines: the later line. The file is held open (`close()`, or a
+    `with` block, closes it; a pipeline closes those it opened) and read as it was when opened: a file replaced since
+    (renamed over, as `save_entities` writes) is not seen; one changed in place is an error that says so.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -103,12 +105,17 @@ class EntityRecords(Mapping):
         for number, line in enumerate(self._file, start=1):
             entity_id = None
             match = _LEADING_ID.match(line)
-            if match is not None and line.find(b'"id"', match.end()) < 0 and line.find(b"\r", 0, len(line) - 2) < 0:
+            if (
+                match is not None
+                and line.find(b'"id"', match.end()) < 0
+                and line.find(b"\\u006", match.end()) < 0  # ("\u0069d", "i\u0064": an "id" key written with escapes)
+                and line.find(b"\r", 0, len(line) - 2) < 0
+            ):
                 try:
                     entity_id = match.group(1).decode("utf-8")
                 except UnicodeDecodeError:
                     pass
-            if entity_id is None and line.strip():
+            if entity_id is None and not _blank(line, number == 1):
                 entity_id = _parsed(line, self.path, number, first=number == 1)["id"]
             if entity_id is not None:
                 offsets[entity_id] = offset  # (an id on two lines: the later one)
@@ -117,6 +124,8 @@ class EntityRecords(Mapping):
 
     def __getitem__(self, entity_id: str) -> dict:
         offset = self._offsets[entity_id]  # (a KeyError for an unknown id, as a dict)
+        if self._file.closed:
+            raise ValueError(f"{self!r} is closed: open the file again (EntityRecords(path))")
         with self._lock:
             self._file.seek(offset)
             line = self._file.readline()
@@ -149,6 +158,8 @@ class EntityRecords(Mapping):
 
     def holds(self, path: str | os.PathLike) -> bool:
         """Whether `path` is the file held open (not one written over it since)."""
+        if self._file.closed:
+            return False
         try:
             there = os.stat(path)
         except OSError:
@@ -173,6 +184,11 @@ class EntityRecords(Mapping):
 
     def __setstate__(self, state):
         self.__init__(state["path"])
+
+
+def _blank(line: bytes, first: bool) -> bool:
+    """Whether a line of an `entities.jsonl` holds nothing but white space (and the first line a byte order mark)."""
+    return not (line[3:] if first and line.startswith(codecs.BOM_UTF8) else line).strip()
 
 
 def _parsed(line: bytes, path, number, first: bool = False) -> dict:
@@ -345,9 +361,10 @@ class M3ELEntityLinkingPipeline(Pipeline):
         entity's metadata. `folder`: where the file's relative image paths live, a local folder or a Hub repo id
         (default: the file's folder).
         """
-        previous = getattr(self, "entities", None)
-        if isinstance(previous, EntityRecords) and previous is not entities:
+        previous = getattr(self, "_own_records", None)  # an EntityRecords this pipeline opened (not one given)
+        if previous is not None and previous is not entities:
             previous.close()  # (the file it held open)
+        self._own_records = None
         self._entity_file = None
         if isinstance(entities, Mapping):
             if folder is not None or isinstance(entities, EntityRecords):
@@ -357,7 +374,7 @@ class M3ELEntityLinkingPipeline(Pipeline):
         if isinstance(entities, (str, os.PathLike)):
             self._entity_folder = folder if folder is not None else os.path.dirname(os.path.abspath(entities))
             if ids is None:
-                self.entities = EntityRecords(entities)
+                self.entities = self._own_records = EntityRecords(entities)
                 return
             self._entity_file = os.fspath(entities)  # (a part of it read)
             entities = load_entities(entities, ids)
@@ -566,8 +583,8 @@ class M3ELEntityLinkingPipeline(Pipeline):
             if entity_images == "copy":
                 records = self._copy_entity_images(records, save_directory)
             target = os.path.join(save_directory, ENTITIES_FILE)
-            if not (isinstance(self.entities, EntityRecords) and self.entities.holds(target)):
-                save_entities(save_directory, records)
+            if self._own_records is None or not self._own_records.holds(target):
+                save_entities(save_directory, records)  # (an EntityRecords given keeps the file it opened)
                 return
             self.entities.close()  # the file read is the one replaced (a file held open cannot be, on Windows)
             try:

@@ -296,11 +296,20 @@ def test_scoring_refuses_a_changed_model_and_hashes_only_after_a_change(processo
     optimizer.step()
     with pytest.raises(StaleIndexError):
         index.scores(model, features)
+    # ... while a step of an optimizer over other weights is not a change of this model: no hash.
+    again = _model(processor, "bidirectional")
+    index.scores(again, features)
+    other = torch.nn.Linear(3, 1)
+    other.weight.grad, other.bias.grad = torch.ones_like(other.weight), torch.ones_like(other.bias)
+    for fused in (True, False):
+        torch.optim.SGD(other.parameters(), lr=0.1, fused=fused).step()
+    hashes.clear()
+    torch.testing.assert_close(index.scores(again, features), expected, rtol=0, atol=0)
+    assert hashes == []
     # A pickled or copied index checks the model once; torch.compile's wrapper is the model it wraps.
     import copy
     import pickle
 
-    again = _model(processor, "bidirectional")
     for duplicate in (pickle.loads(pickle.dumps(index)), copy.deepcopy(index)):
         hashes.clear()
         torch.testing.assert_close(duplicate.scores(again, features), expected, rtol=0, atol=0)

@@ -318,6 +318,7 @@ def test_load_entities_of_given_ids_parses_only_their_lines(tmp_path):
     assert load_entities(path, ids=["Q1"]) == [records[0]]  # Q12's line is parsed (it holds "Q1"), and left out
     assert load_entities(path, ids=["Zoë", "Q12"]) == [records[1], records[2]]  # in file order
     assert load_entities(path, ids=["a/b", "é"]) == [records[3], records[4]]  # escaped ids are found
+    assert load_entities(path, ids=["\ud800", "Q404"]) == []  # (an id no UTF-8 file can hold as it is)
     assert load_entities(path, ids=[]) == [] and load_entities(path, ids=["Q404"]) == []
     # the damaged line holds none of the ids: never parsed; without ids every line is, and it is refused
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
@@ -346,13 +347,16 @@ def test_entity_records_read_lines_as_asked_for_and_equal_the_parsed_file(tmp_pa
                {"id": "Q5", "name": "two ids", "description": "its second id key is its id"}]
     lines = [json.dumps(records[0]), json.dumps(records[1]), "", json.dumps(records[2]), json.dumps(records[3]),
              "  ", json.dumps(records[4], ensure_ascii=False), json.dumps(records[5]),
-             json.dumps(records[6]).replace('"id": "Q5", "name": "two ids"', '"id": "Q4", "name": "two ids", "id": "Q5"')]
+             json.dumps(records[6]).replace('"id": "Q5", "name": "two ids"',
+                                            '"id": "Q4", "name": "two ids", "id": "Q5"')]
+    lines.append('{"id": "Q6", "name": "escaped", "\\u0069d": "Q7"}')  # a second id key, written with escapes
     path = tmp_path / "entities.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join(lines) + "\r\n").encode("utf-8"))  # (a byte order mark first)
+    # (a byte order mark first, on a line of its own)
+    path.write_bytes(b"\xef\xbb\xbf\r\n" + ("\r\n".join(lines) + "\r\n").encode("utf-8"))
     lazy = EntityRecords(path)
     parsed = {record["id"]: record for record in load_entities(path)}
-    assert list(lazy) == list(parsed) == ["Q1", "Q2", "Q3", "é", "Zoë", "Q5"]
-    assert dict(lazy) == parsed and lazy["Q1"] == records[5] and len(lazy) == 6 and lazy["Q5"] == records[6]
+    assert list(lazy) == list(parsed) == ["Q1", "Q2", "Q3", "é", "Zoë", "Q5", "Q7"]
+    assert dict(lazy) == parsed and lazy["Q1"] == records[5] and len(lazy) == 7 and lazy["Q5"] == records[6]
     assert "Q2" in lazy and "Q4" not in lazy and lazy.get("Q4") is None
     with pytest.raises(KeyError):
         lazy["Q4"]
@@ -424,6 +428,11 @@ def test_entity_records_hold_their_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert lazy.path == str(path) and copy.deepcopy(lazy)["Q1"]["name"] == "a"
     assert lazy.holds(path) and not lazy.holds(tmp_path / "elsewhere.jsonl")
+    closed = copy.copy(lazy)  # (a copy opens the file anew: closing it leaves the original open)
+    closed.close()
+    with pytest.raises(ValueError, match=r"EntityRecords\(.*entities\.jsonl', 1 entities\) is closed"):
+        closed["Q1"]
+    assert not closed.holds(path) and lazy["Q1"]["name"] == "a"
     path.unlink()
     assert lazy["Q1"]["name"] == "a" and not lazy.holds(path)
     with warnings.catch_warnings():
@@ -462,6 +471,10 @@ def test_a_pipeline_saved_into_the_folder_it_reads_its_metadata_from(linker, hub
             own.save_pretrained(tmp_path / "out")
     assert load_entities(tmp_path / "out" / "entities.jsonl") == load_entities(tmp_path / "moved" / "entities.jsonl")
     # An EntityRecords (or a dict of records) can be given as the metadata; its folder is where its images live.
-    own.set_entities(EntityRecords(tmp_path / "moved" / "entities.jsonl"))
+    given = EntityRecords(tmp_path / "moved" / "entities.jsonl")
+    own.set_entities(given)
     assert own(mention, top_k=3) == [dict(e, image=e["image"].replace(str(folder), str(tmp_path / "moved"))
                                           if e["image"] else None) for e in before]
+    own.set_entities([])  # the pipeline closes the files it opened, not one it was given
+    assert given[before[0]["id"]]["name"] == before[0]["name"]
+    given.close()
