@@ -799,6 +799,12 @@ class EntityIndex:
     ) -> torch.Tensor:
         """`score_candidates` from mentions already prepared with `model.prepare_mentions`."""
         self._check_use(model)
+        return self._score_prepared_candidates(model, mentions, candidate_rows, memory_budget_bytes)
+
+    def _score_prepared_candidates(
+        self, model: M3ELModel, mentions: dict, candidate_rows: torch.Tensor, memory_budget_bytes: int
+    ) -> torch.Tensor:
+        """`score_prepared_candidates` for a model already checked (`_check_use`)."""
         num_mentions = next(iter(next(iter(mentions.values())).values())).shape[0]
         if not isinstance(candidate_rows, torch.Tensor) or candidate_rows.dtype != torch.long:
             raise TypeError("candidate_rows must be a torch.LongTensor of shape (num_mentions, K)")
@@ -1059,7 +1065,7 @@ class EntityIndex:
         mentions, num_mentions = self._prepared_mentions(model, mention_features)
         chunks = self._bound_chunks(num_mentions, chunk_size, memory_budget_bytes)
         rows = self._best_estimated(model, mentions, candidates, chunks)  # (B, K)
-        exact = self.score_prepared_candidates(model, mentions, rows, memory_budget_bytes).float()
+        exact = self._score_prepared_candidates(model, mentions, rows, memory_budget_bytes).float()  # (model checked)
         _refuse_nan(exact, "score of one of the K candidates")
         values, slot = exact.topk(min(k, candidates), dim=1)
         return values, rows.gather(1, slot)
