@@ -299,8 +299,8 @@ class M3ELEntityLinkingPipeline(Pipeline):
             the KB. An `EntityIndex` built with this model; a folder (or Hub repo) holding one, saved with
             `EntityIndex.save`; or the KB's entities as dicts (`id`, `name`, `description`, `image` or `images`),
             indexed on the spot. Defaults to the index saved in the model's own folder or repo.
-        entities (`str` or `list[dict]`, *optional*):
-            the KB's metadata (names, descriptions, images) as an `entities.jsonl` path or a list of dicts. Defaults
+        entities (`str`, `list[dict]` or a mapping of ids to dicts, *optional*):
+            the KB's metadata (names, descriptions, images) as an `entities.jsonl` path or as records. Defaults
             to the `entities.jsonl` next to the index; without metadata, results carry ids and scores only. A file is
             read as the results need it (`EntityRecords`: each line's id and offset held, not its record).
         top_k (`int`, *optional*, defaults to 5): entities returned per mention (at most the KB's size).
@@ -586,7 +586,7 @@ class M3ELEntityLinkingPipeline(Pipeline):
             if self._own_records is None or not self._own_records.holds(target):
                 save_entities(save_directory, records)  # (an EntityRecords given keeps the file it opened)
                 return
-            self.entities.close()  # the file read is the one replaced (a file held open cannot be, on Windows)
+            self._own_records.close()  # the file read is the one replaced (a file held open cannot be, on Windows)
             try:
                 save_entities(save_directory, records)
             finally:  # the file now there, as written (or as it was)
