@@ -434,6 +434,16 @@ def test_hnsw_sweep_on_a_scaled_demo_kb(demo_run, demo_data, tmp_path):
     assert (narrow["ef_search"], whole["ef_search"]) == (5, 400)
     assert whole["best_estimate_kept"] == 1.0 and whole["exact_top1_among_k"] == payload["exact_top1_among_flat_k"]
     assert 0 < narrow["best_estimate_kept"] <= 1 and payload["exact_top1_among_flat_k"] > 0.9
+    # pipeline_startup.py on the same folder: the pipeline holds the metadata as EntityRecords, and the results of
+    # the first test mention show the KB's names
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / "pipeline_startup.py"), str(demo_run / "model"),
+                                str(scaled / "index")], capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    startup = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert startup["entities"] == 400 and startup["metadata_held_as"] == "EntityRecords"
+    assert startup["construct_s"] > 0 and len(startup["top"]) == 5
+    names = {row["id"]: row["name"] for row in benchmark.entities}
+    assert all(name == names[entity_id] for entity_id, name in startup["top"])
     pytest.importorskip("matplotlib")
     completed = subprocess.run([sys.executable, str(BENCHMARKS / "plot_results.py"), str(output), "--out",
                                 str(tmp_path / "plots")], capture_output=True, text=True, timeout=120)
