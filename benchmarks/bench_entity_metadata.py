@@ -16,10 +16,9 @@ import os
 import random
 import sys
 import tempfile
-import time
 import tracemalloc
 
-from common import machine, markdown_table, parse_sizes, write_json
+from common import best_of, machine, markdown_table, parse_sizes, write_json
 
 from modeling_m3el.pipeline_m3el import EntityRecords, load_entities
 
@@ -41,19 +40,6 @@ def parse_all(path: str) -> dict:
     return {record["id"]: record for record in load_entities(path)}
 
 
-def best_seconds(fn, repeat: int):
-    """(the last result, the fastest of `repeat` runs' seconds); the other runs' results closed if they can be."""
-    best = result = None
-    for _ in range(max(1, repeat)):
-        if hasattr(result, "close"):
-            result.close()
-        start = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - start
-        best = seconds if best is None else min(best, seconds)
-    return result, best
-
-
 def held_bytes(fn) -> int:
     """Bytes allocated by `fn` and still held by what it returns."""
     tracemalloc.start()
@@ -63,8 +49,7 @@ def held_bytes(fn) -> int:
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    if hasattr(result, "close"):
-        result.close()
+    del result  # (an EntityRecords closes its file when dropped)
     return held
 
 
@@ -92,11 +77,11 @@ def main(argv=None) -> int:
             path = os.path.join(folder, f"entities_{count}.jsonl")
             write_kb(path, count, args.seed)
             shown = [[f"Q{rng.randrange(count)}" for _ in range(5)] for _ in range(args.mentions)]
-            parsed, parse_seconds = best_seconds(lambda path=path: parse_all(path), args.repeat)
-            lazy, scan_seconds = best_seconds(lambda path=path: EntityRecords(path), args.repeat)
-            _, show_parsed = best_seconds(lambda parsed=parsed: [show(parsed, ids) for ids in shown], args.repeat)
-            _, show_lazy = best_seconds(lambda lazy=lazy: [show(lazy, ids) for ids in shown], args.repeat)
-            _, five_ids = best_seconds(lambda path=path: load_entities(path, ids=shown[0]), args.repeat)
+            parsed, parse_seconds = best_of(lambda path=path: parse_all(path), "cpu", args.repeat)
+            lazy, scan_seconds = best_of(lambda path=path: EntityRecords(path), "cpu", args.repeat)
+            _, show_parsed = best_of(lambda parsed=parsed: [show(parsed, ids) for ids in shown], "cpu", args.repeat)
+            _, show_lazy = best_of(lambda lazy=lazy: [show(lazy, ids) for ids in shown], "cpu", args.repeat)
+            _, five_ids = best_of(lambda path=path: load_entities(path, ids=shown[0]), "cpu", args.repeat)
             sample = list(parsed) if args.check else rng.sample(list(parsed), 10_000)
             same = list(lazy) == list(parsed) and all(lazy[i] == parsed[i] for i in sample)
             lazy.close()
