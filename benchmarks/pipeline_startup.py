@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     link_s = time.perf_counter() - start
     print(json.dumps({
         "package": os.path.dirname(modeling_m3el.__file__), "entities": len(linker.index),
-        "metadata_held_as": type(linker.entities).__name__, "construct_s": round(construct_s, 2),
-        "resident_gib_before": before, "resident_gib_after_construction": after, "link_s": round(link_s, 2),
+        "metadata_held_as": type(linker.entities).__name__, "construct_s": round(construct_s, 4),
+        "resident_gib_before": before, "resident_gib_after_construction": after, "link_s": round(link_s, 4),
         "top": [(entity["id"], entity["name"]) for entity in results],
     }))
     return 0
