@@ -246,6 +246,24 @@ def _shared_content_id(accelerator) -> str:
     return bytes(accelerator.gather(mine)[:16].cpu().tolist()).hex()
 
 
+def _refuse_float16_overflow(name: str, tensor: torch.Tensor, entity_ids: Sequence[str]) -> None:
+    """A ValueError naming the tensor and its entities when a float16 index tensor holds an infinite value (a value
+    beyond float16's 65504 before the cast). Looked for a few thousand rows at a time: no mask of the whole index."""
+    rows, values = [], 0
+    for start in range(0, tensor.shape[0], 4096):
+        infinite = torch.isinf(tensor[start : start + 4096]).reshape(min(4096, tensor.shape[0] - start), -1)
+        if bool(infinite.any()):
+            values += int(infinite.sum())
+            rows += (infinite.any(1).nonzero().flatten() + start).tolist()
+    if rows:
+        raise ValueError(
+            f"index tensor {name} holds {values} infinite value(s) in float16, in {len(rows)} of {len(entity_ids)} "
+            f"entities (the first: {[entity_ids[row] for row in rows[:5]]}): float16 ends at "
+            f"{torch.finfo(torch.float16).max:g}, so a larger value does not survive the cast; keep this index in "
+            "bfloat16 or float32"
+        )
+
+
 class _Rows:
     """
     An index's tensors being built batch by batch: allocated once, at their full `total` rows, when the first batch
@@ -354,6 +372,8 @@ class EntityIndex:
         for name, tensor in tensors.items():
             if tensor.shape[0] != len(entity_ids):
                 raise ValueError(f"index tensor {name} has {tensor.shape[0]} rows for {len(entity_ids)} entities")
+            if tensor.dtype == torch.float16:  # float16 ends at 65504: a larger value became infinite when cast
+                _refuse_float16_overflow(name, tensor, entity_ids)
         self.tensors = tensors
         self.entity_ids = entity_ids
         self.fingerprint = fingerprint  # `model_fingerprint(model)`: weights rounded to bfloat16

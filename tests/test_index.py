@@ -1,6 +1,7 @@
 """EntityIndex and the exact ranker: same scores as forward, chunking invisible, save/load, stale indexes refused."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -657,6 +658,26 @@ def test_bfloat16_index_ranks_close_to_float32(processor, kb, mentions):
     # bfloat16 tensors, float32 scores (the products of the attention are the tensors' own precision)
     assert half.dtype == torch.bfloat16 and fast.dtype == torch.float32
     torch.testing.assert_close(fast, exact, rtol=0, atol=0.1)  # scores of 11-15: the tensors' rounding alone
+
+
+def test_float16_index_refuses_values_beyond_its_range(processor, kb, mentions):
+    """float16 ends at 65504: an index cast to float16 whose values overflow is refused, naming the tensor and the
+    entities; within range the float16 index ranks as float32 does, its scores within the tensors' rounding."""
+    model = _model(processor, "bidirectional")
+    index = EntityIndex.build(model, processor, kb, progress=False)
+    with torch.no_grad():
+        features = model.encode(**mentions)
+    half = index.to(dtype=torch.float16)
+    torch.testing.assert_close(half.scores(model, features), index.scores(model, features), rtol=0, atol=0.02)
+    name = next(iter(index.tensors))
+    tensors = dict(index.tensors)
+    tensors[name] = tensors[name].clone()
+    tensors[name][1] = 1e5  # entity 1 only
+    too_large = EntityIndex(tensors, index.entity_ids, index.fingerprint, index.float16_fingerprint)
+    assert too_large.to(dtype=torch.bfloat16).dtype == torch.bfloat16  # bfloat16 has float32's range
+    with pytest.raises(ValueError, match=rf"index tensor {re.escape(name)} holds \d+ infinite value\(s\) in float16, "
+                       rf"in 1 of {len(index)} entities \(the first: \[{re.escape(repr(index.entity_ids[1]))}\]\).*65504.*bfloat16"):
+        too_large.to(dtype=torch.float16)
 
 
 def test_building_holds_the_index_once_not_its_batches_and_their_concatenation(processor):
