@@ -1,6 +1,6 @@
 """The fused G2L kernel against the PyTorch path, same model and features: scores of every (mention, entity) pair
-in float32 and bfloat16, the pruned ranks, and the time of one `EntityIndex.scores` call (every pair: the grid
-kernel without a mask), one `EntityIndex.score_candidates` call (each mention against its own list of a quarter of
+in float32 and bfloat16 (and float16: `--dtypes`), the pruned ranks, and the time of one `EntityIndex.scores` call
+(every pair: the grid kernel without a mask), one `EntityIndex.score_candidates` call (each mention against its own list of a quarter of
 the KB: the candidates kernel, which scores the pruned ranker's undecided pairs and two-stage retrieval's
 candidates) and one `EntityIndex.rank` call (pruned: the candidates kernel, or the masked grid, as
 `EntityIndex.pruned_scoring` says) of each path. On CUDA also launch variants (`kernels_m3el.LAUNCH`: query rows,
@@ -192,10 +192,16 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=math.inf,
                         help="seconds for the whole check: variants not started by then are skipped (and listed), "
                         "so that the tables and --launch-out are written within a caller's time limit: the float32 "
-                        "variants start within the first 45%% of it, the bfloat16 ones up to 15 s before its end")
+                        "variants start within the first 45%% of it, the half-precision ones up to 15 s before its end")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="the index dtypes to check, of float32, bfloat16 and float16 (the last two share the "
+                        "'half' launch)")
     parser.add_argument("--launch-out", help="write the fastest launch that agrees, per index dtype, to this JSON "
                         "file (for the --launch of bench_exact_ranking.py and bench_two_stage.py)")
     args = parser.parse_args(argv)
+    dtypes = [dtype.strip() for dtype in args.dtypes.split(",") if dtype.strip()]
+    if not dtypes or set(dtypes) - {"float32", "bfloat16", "float16"}:
+        parser.error(f"--dtypes: a comma-separated list of float32, bfloat16 and float16, got {args.dtypes!r}")
     if args.check:
         args.model, args.sizes, args.mentions = "tiny", "40", 4
     apply_threads(args.threads)
@@ -203,11 +209,12 @@ def main(argv=None) -> int:
     model = build_model(args.model, args.mode, device, args.seed)
     rows, variant_rows, results, best, ok = [], [], [], {}, True
     started = time.monotonic()
-    deadlines = {"float32": started + 0.45 * args.budget_s, "bfloat16": started + args.budget_s - 15}
+    deadlines = {"float32": started + 0.45 * args.budget_s, "bfloat16": started + args.budget_s - 15,
+                 "float16": started + args.budget_s - 15}
     for num_entities in parse_sizes(args.sizes):
         index, mentions, gold_ids = random_kb_with_mentions(model, num_entities, args.mentions, device, args.seed,
                                                             default_noise(args.model, args.noise))
-        for dtype in ("float32", "bfloat16"):
+        for dtype in dtypes:
             key = "float32" if dtype == "float32" else "half"
             # The kernel is forced (a failure raises); a fallback warning would be a failure too. Other warnings
             # (Triton's own, for one) are shown, not turned into failures.
