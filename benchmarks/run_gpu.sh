@@ -22,7 +22,9 @@
 # `bash benchmarks/run_gpu.sh training`: the training step alone, all four variants, 50 timed steps (5 minutes at
 # most), for a second call.
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
-# benchmarks/gpu_results). Wheels found in .whl/ (faiss-cpu; transformers >= 5.24 where the machine's image has an
+# benchmarks/gpu_results); at the end the JSON results but launch.json are packed into $OUT/results.tar.gz (the device
+# tool brings back 8 files at most: a kernel run writes 9 JSON files); unpack with `tar -xzf results.tar.gz`. Wheels
+# found in .whl/ (faiss-cpu; transformers >= 5.24 where the machine's image has an
 # older one) are installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,17 @@ TABLES="$OUT/tables.md"
 } | tee "$TABLES"
 
 status=0
+finish() {  # finish: the closing line, the JSON results (launch.json apart) packed into one file, the exit status
+  echo -e "\n(run_gpu.sh $1: $((SECONDS - START)) s)" | tee -a "$TABLES"
+  local results=()
+  for file in "$OUT"/*.json; do
+    [ -f "$file" ] && [ "$(basename "$file")" != launch.json ] && results+=("$(basename "$file")")
+  done
+  if [ "${#results[@]}" -gt 0 ] && tar -czf "$OUT/results.tar.gz" -C "$OUT" "${results[@]}"; then
+    (cd "$OUT" && rm -f "${results[@]}")
+  fi
+  exit $status
+}
 demo_precision() {  # demo_precision ARGS...: the step, when the demo model and its test inputs were carried
   if [ -d m3el-demo/model ] && [ -f m3el-demo/precision_inputs.safetensors ]; then
     bench demo_precision demo_precision 40 --model m3el-demo/model --inputs m3el-demo/precision_inputs.safetensors "$@"
@@ -107,8 +120,7 @@ if [ "${1:-all}" = kernel ]; then
     --mentions 256 --index-dtype bfloat16 "${launch[@]}"
   bench bench_two_stage two_stage_100k 40 --model b32 --sizes 100000 --backends torch --k 0.1%,1%,2% \
     --mentions 256 "${launch[@]}"
-  echo -e "\n(run_gpu.sh kernel: $((SECONDS - START)) s)" | tee -a "$TABLES"
-  exit $status
+  finish kernel
 fi
 
 if [ "${1:-all}" = half ]; then
@@ -121,8 +133,7 @@ if [ "${1:-all}" = half ]; then
     --naive-mentions 10 --fast-dtype float16
   bench bench_two_stage two_stage_1m_float16 75 --model b32 --sizes 1000000 --backends torch,estimate --k 0.1%,1% \
     --mentions 256 --index-dtype float16
-  echo -e "\n(run_gpu.sh half: $((SECONDS - START)) s)" | tee -a "$TABLES"
-  exit $status
+  finish half
 fi
 
 if [ "${1:-all}" = training ]; then
@@ -132,7 +143,7 @@ if [ "${1:-all}" = training ]; then
   # printed as soon as it is measured).
   BUDGET_S=360 bench bench_training training_b32_batch128 360 --model b32 --batch 128 --steps 50 --warmup 5 \
     --variants float32,bfloat16,bfloat16+fused,float32+ckpt,bfloat16+fused+ckpt,bfloat16+fused+compile
-  exit $status
+  finish training
 fi
 
 # 1. The fused G2L kernel's first compilation, and its scores and ranks against the PyTorch path (fp32 and bf16);
@@ -170,5 +181,4 @@ bench bench_training training_b32_batch128_more 180 --model b32 --batch 128 --st
   --variants bfloat16,float32+ckpt,bfloat16+fused+ckpt,bfloat16+fused+compile
 # ... and EntityIndex.build from JPEG files with 0, 4, 8 and 15 threads reading the images ahead of the model.
 bench bench_image_reading image_reading_b32 60 --model b32 --sizes 4096 --workers 4,8,15 --batch-size 256
-echo -e "\n(run_gpu.sh: $((SECONDS - START)) s)" | tee -a "$TABLES"
-exit $status
+finish all
