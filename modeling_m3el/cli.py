@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", required=True, help="a saved M3EL folder (save_pretrained, or a training run's model/)")
         sub.add_argument("--data", required=True, help="a benchmark folder (release layout or JSON Lines)")
         sub.add_argument("--dtype", choices=DTYPES, default="float32",
-                         help="float32: exact ranking; bfloat16/float16: faster, approximate")
+                         help="float32: exact ranking; float16/bfloat16: faster, approximate (float16 the closer: "
+                         "3 more significant bits)")
         sub.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
         sub.add_argument("--entity-batch-size", type=int, default=256)
         sub.add_argument("--num-workers", type=int, default=4, help="threads reading and resizing images ahead of "
@@ -395,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "default: the one next to the index")
     link.add_argument("--unreadable-image", choices=("error", "zero"), default="error",
                       help="an image that cannot be read: fail (default), or score with an all-zero image")
-    link.add_argument("--dtype", choices=DTYPES, default="float32", help="float32: exact; bfloat16/float16: faster")
+    link.add_argument("--dtype", choices=DTYPES, default="float32",
+                      help="float32: exact; float16/bfloat16: faster (float16 the closer)")
     link.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda when available)")
     link.add_argument("--json", action="store_true", help="print the results as JSON")
     link.set_defaults(handler=_link)
