@@ -1,8 +1,8 @@
 """The fused G2L kernel against the PyTorch path, same model and features: scores of every (mention, entity) pair
 in float32 and bfloat16 (and float16: `--dtypes`), the pruned ranks, and the time of one `EntityIndex.scores` call
-(every pair: the grid kernel without a mask), one `EntityIndex.score_candidates` call (each mention against its own list of a quarter of
-the KB: the candidates kernel, which scores the pruned ranker's undecided pairs and two-stage retrieval's
-candidates) and one `EntityIndex.rank` call (pruned: the candidates kernel, or the masked grid, as
+(every pair: the grid kernel without a mask), one `EntityIndex.score_candidates` call (each mention against its own
+list of a quarter of the KB: the candidates kernel, which scores the pruned ranker's undecided pairs and two-stage
+retrieval's candidates) and one `EntityIndex.rank` call (pruned: the candidates kernel, or the masked grid, as
 `EntityIndex.pruned_scoring` says) of each path. On CUDA also launch variants (`kernels_m3el.LAUNCH`: query rows,
 warps, registers, pipeline stages, float32 products by TF32x3 or IEEE, and the candidates kernel's own), timed and
 compared the same way; `--launch-out` writes, for the other benchmarks' `--launch`, the fastest launch of each

@@ -24,8 +24,8 @@
 # Tables go to $OUT/tables.md (as each step ends), results to $OUT/*.json ($OUT: set by the device tool; else
 # benchmarks/gpu_results); at the end the JSON results but launch.json are packed into $OUT/results.tar.gz (the device
 # tool brings back 8 files at most: a kernel run writes 9 JSON files); unpack with `tar -xzf results.tar.gz`. Wheels
-# found in .whl/ (faiss-cpu; transformers >= 5.24 where the machine's image has an
-# older one) are installed into /tmp/site first.
+# found in .whl/ (faiss-cpu; transformers >= 5.24 where the machine's image has an older one) are installed into
+# /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/gpu_results}"

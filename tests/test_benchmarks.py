@@ -96,9 +96,8 @@ def test_entity_encoding_benchmark_builds_the_index(tmp_path):
 
 def test_demo_precision_on_the_trained_demo_model(demo_run, demo_data, tmp_path):
     """bf16 and fp16 against float32 on the session's trained demo model (the issue's "bf16 MRR within 0.001 of
-    float32"):
-    the script's check passes; the same figures from the data folder and from the inputs saved for a machine without
-    it; the float32 ranks are `m3el eval`'s; MR and MRR follow from the ranks."""
+    float32"): the script's check passes; the same figures from the data folder and from the inputs saved for a
+    machine without it; the float32 ranks are `m3el eval`'s; MR and MRR follow from the ranks."""
     from modeling_m3el import M3ELModel, M3ELProcessor
     from modeling_m3el.data import load_benchmark
     from modeling_m3el.evaluation import gold_ranks, index_rows
