@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .index_m3el import EntityIndex, gather_shares
+from .index_m3el import EntityIndex, gather_shares, share_bar
 from .modeling_m3el import M3ELModel
 
 RANKING_METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "m3el_ranking")
@@ -60,13 +60,8 @@ def gold_ranks(
     batches = zip(slices, processor.prefetched(
         "mention", ((rows["mention"], rows["sentence"], rows["image"]) for rows in slices), num_workers
     ))
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        # in mentions, the unit of the speeds quoted everywhere; with several processes, the first one's share
-        share_note = f" (process 1 of {world}: its share)" if world > 1 else ""
-        bar = tqdm(desc=description + share_note, unit="mention", total=stop - start)
+    # in mentions, the unit of the speeds quoted everywhere
+    bar = share_bar(description, "mention", stop - start, world) if progress and rank == 0 else None
     local = []
     for rows, inputs in batches:
         features = model.encode(**inputs.to(model.device))

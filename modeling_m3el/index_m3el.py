@@ -295,13 +295,18 @@ class _Rows:
         return self.tensors
 
 
-def _entity_bar(total: int, world: int = 1):
-    """The progress bar of an index build, in entities, the unit of encoding speeds; with several processes, the
-    first one's share."""
+def share_bar(description: str, unit: str, total: int, world: int = 1):
+    """A progress bar of `total` units (the unit speeds are quoted in); with several processes, shown by the first
+    for its own share, which the label says."""
     from tqdm.auto import tqdm
 
     share_note = f" (process 1 of {world}: its share)" if world > 1 else ""
-    return tqdm(desc="Indexing entities" + share_note, unit="entity", total=total)
+    return tqdm(desc=description + share_note, unit=unit, total=total)
+
+
+def _entity_bar(total: int, world: int = 1):
+    """The progress bar of an index build, in entities, the unit of encoding speeds."""
+    return share_bar("Indexing entities", "entity", total, world)
 
 
 def gather_shares(accelerator, tensor: torch.Tensor, share: int, total: int) -> torch.Tensor:

@@ -703,3 +703,18 @@ def test_building_holds_the_index_once_not_its_batches_and_their_concatenation(p
     for name, tensor in whole.tensors.items():
         torch.testing.assert_close(index.tensors[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
     assert peak is not None and index.nbytes <= peak < 1.3 * index.nbytes, (peak, index.nbytes)
+
+
+def test_progress_bars_name_their_unit_and_say_when_they_count_one_process_share():
+    """Index builds count entities and rankings mentions (the units speeds are quoted in); with several processes
+    the first one's bar counts its own share, and its label says so."""
+    from modeling_m3el.index_m3el import _entity_bar, share_bar
+
+    bars = [_entity_bar(7), _entity_bar(4, world=2), share_bar("Ranking", "mention", 5, world=3)]
+    try:
+        assert [(bar.desc, bar.unit, bar.total) for bar in bars] == [
+            ("Indexing entities", "entity", 7), ("Indexing entities (process 1 of 2: its share)", "entity", 4),
+            ("Ranking (process 1 of 3: its share)", "mention", 5)]
+    finally:
+        for bar in bars:
+            bar.close()
