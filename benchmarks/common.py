@@ -151,6 +151,25 @@ def random_kb_with_mentions(model, num_entities: int, num_mentions: int, device,
     return EntityIndex.from_features(model, entities, ids), mentions, [ids[g] for g in gold.tolist()]
 
 
+def trained_model_on_split(model_folder: str, data: str, split: str) -> tuple:
+    """A trained model and its benchmark, as the `demo_*` scripts measure them: `(model, benchmark, index, mentions,
+    features)`, with the benchmark's KB indexed (float32, on the CPU) and the split's mentions encoded."""
+    from modeling_m3el import M3ELProcessor
+    from modeling_m3el.data import load_benchmark
+    from modeling_m3el.evaluation import index_rows
+    from modeling_m3el.index_m3el import EntityIndex
+
+    model = M3ELModel.from_pretrained(model_folder).eval()
+    processor = M3ELProcessor.from_pretrained(model_folder)
+    benchmark = load_benchmark(data, splits=[split])
+    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
+    mentions = benchmark.splits[split]
+    with torch.no_grad():
+        inputs = processor.process_mentions(mentions["mention"], mentions["sentence"], mentions["image"])
+        features = model.encode(**inputs)
+    return model, benchmark, index, mentions, features
+
+
 def timed(fn, device):
     """(result, seconds) of `fn()`, with the device's queue drained before and after."""
     synchronize(device)

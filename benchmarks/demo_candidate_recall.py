@@ -10,14 +10,8 @@ or `estimate`, the candidates of `EntityIndex.topk(candidates=K)` and of the pip
 import argparse
 import math
 
-import torch
+from common import markdown_table, trained_model_on_split, write_json
 
-from common import markdown_table, write_json
-
-from modeling_m3el import M3ELModel, M3ELProcessor
-from modeling_m3el.data import load_benchmark
-from modeling_m3el.evaluation import index_rows
-from modeling_m3el.index_m3el import EntityIndex
 from modeling_m3el.retrieval import CandidateRecall, TwoStageRetriever
 
 
@@ -31,14 +25,7 @@ def main(argv=None):
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    model = M3ELModel.from_pretrained(args.model).eval()
-    processor = M3ELProcessor.from_pretrained(args.model)
-    benchmark = load_benchmark(args.data, splits=[args.split])
-    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
-    mentions = benchmark.splits[args.split]
-    with torch.no_grad():
-        inputs = processor.process_mentions(mentions["mention"], mentions["sentence"], mentions["image"])
-        features = model.encode(**inputs)
+    model, benchmark, index, mentions, features = trained_model_on_split(args.model, args.data, args.split)
     exact_top1 = index.topk(model, features, k=1)[1][:, 0]
     rows, results = [], []
     for backend in args.backends.split(","):

@@ -14,12 +14,7 @@ import sys
 
 import torch
 
-from common import markdown_table, write_json
-
-from modeling_m3el import M3ELModel, M3ELProcessor
-from modeling_m3el.data import load_benchmark
-from modeling_m3el.evaluation import index_rows
-from modeling_m3el.index_m3el import EntityIndex
+from common import markdown_table, trained_model_on_split, write_json
 
 
 def main(argv=None) -> int:
@@ -31,14 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    model = M3ELModel.from_pretrained(args.model).eval()
-    processor = M3ELProcessor.from_pretrained(args.model)
-    benchmark = load_benchmark(args.data, splits=[args.split])
-    index = EntityIndex.build(model, processor, index_rows(benchmark.entities), progress=False)
-    mentions = benchmark.splits[args.split]
-    with torch.no_grad():
-        inputs = processor.process_mentions(mentions["mention"], mentions["sentence"], mentions["image"])
-        features = model.encode(**inputs)
+    model, _, index, mentions, features = trained_model_on_split(args.model, args.data, args.split)
     results, rows = [], []
     stats = {}
     ranks = index.rank(model, features, mentions["answer"], stats=stats)

@@ -2,6 +2,7 @@
 ranks identical to the naive loop's, a recall in [0, 1], an index that holds the prepared features."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -144,6 +145,37 @@ def test_demo_precision_on_the_trained_demo_model(demo_run, demo_data, tmp_path)
         for change in changes:
             assert change["float32_rank"] == reference[change["mention"]] and change["rank"] == ranks[change["mention"]]
             assert (change["float32_rank"] == 1) == (change["float32_margin"] > 0)
+
+
+def test_demo_pruning_and_candidate_recall_on_the_trained_demo_model(demo_run, demo_data, tmp_path):
+    """demo_pruning.py: the pruned `rank` and `topk` give the results of scoring every pair, having scored exactly
+    some of the pairs, the more the larger k; demo_candidate_recall.py: the share of test mentions whose exact top-1
+    is among each stage 1's K candidates, which never falls as K grows and is every mention when K is the whole KB."""
+    from modeling_m3el.data import load_benchmark
+
+    benchmark = load_benchmark(demo_data, splits=["test"])
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    payloads = {}
+    for script, extra in (("demo_pruning", []), ("demo_candidate_recall", ["--fractions", "0.02,0.1,1"])):
+        completed = subprocess.run(
+            [sys.executable, str(BENCHMARKS / f"{script}.py"), "--model", str(demo_run / "model"), "--data", demo_data,
+             "--json", str(tmp_path / f"{script}.json"), *extra],
+            capture_output=True, text=True, timeout=300, env=env, cwd=BENCHMARKS.parent)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        payloads[script] = json.loads((tmp_path / f"{script}.json").read_text())["results"]
+    pruning = payloads["demo_pruning"]
+    assert [r["call"] for r in pruning] == ["rank", "topk(k=1)", "topk(k=5)", "topk(k=10)"]
+    assert all(r["same_as_full"] for r in pruning)
+    scored = [r["scored_fraction"] for r in pruning]
+    assert 0 < scored[0] < 1 and scored[1] <= scored[2] <= scored[3] < 1
+    recall = payloads["demo_candidate_recall"]
+    entities, count = len(benchmark.entities), len(benchmark.splits["test"])
+    for backend in ("flat", "hnsw", "estimate"):
+        rows = [r for r in recall if r["backend"] == backend]
+        assert [r["fraction"] for r in rows] == [0.02, 0.1, 1.0]
+        assert [r["k"] for r in rows] == [max(1, math.floor(f * entities)) for f in (0.02, 0.1, 1.0)]
+        assert all(r["count"] == count and r["recall"] == pytest.approx(r["hits"] / count) for r in rows)
+        assert rows[0]["hits"] <= rows[1]["hits"] <= rows[2]["hits"] == count
 
 
 def test_demo_precision_lists_the_mentions_ranked_otherwise_with_their_float32_margin():
